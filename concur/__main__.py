@@ -1,0 +1,5 @@
+import sys
+
+from concur.cli import main
+
+sys.exit(main())

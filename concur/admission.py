@@ -1,0 +1,637 @@
+"""The admission gate: which agents may run now, and who waits.
+
+One gate serves the proxy (on ``time.monotonic``) and the simulator (on a
+virtual clock). Its core is synchronous and sans-IO: :meth:`AdmissionGate.submit`
+returns a :class:`Ticket` that is granted at once or later, through a callback.
+:meth:`AdmissionGate.acquire` and :meth:`AdmissionGate.permit` wrap that core in
+asyncio for the proxy; the simulator calls the core directly.
+
+Agents move through three states:
+
+``queued``
+    A new agent waiting for a slot (FIFO within a priority class).
+``live``
+    Admitted and running: its requests pass straight through.
+``paused``
+    Admitted, but its *next* request is held at the step boundary because the
+    window shrank below the live count while pressure was high. An in-flight
+    request is never touched. Paused agents resume before queued ones are admitted.
+
+The window bounds live agents. Accounting is exact on every path: once all
+agents end, ``active == 0`` and ``queued == 0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from concur.policies.growth import GrowthEstimator
+
+Clock = Callable[[], float]
+
+
+class AdmissionError(Exception):
+    """A request the gate will not let through; ``reason`` is a short machine code."""
+
+    reason = "rejected"
+    retry_after: float | None = None
+
+
+class QueueFull(AdmissionError):
+    reason = "queue_full"
+
+
+class QueueTimeout(AdmissionError):
+    reason = "queue_timeout"
+
+
+class AgentEnded(AdmissionError):
+    reason = "agent_ended"
+
+
+class GateClosed(AdmissionError):
+    reason = "shutting_down"
+
+
+class AgentState(StrEnum):
+    QUEUED = "queued"
+    LIVE = "live"
+    PAUSED = "paused"
+
+
+class TicketStatus(StrEnum):
+    WAITING = "waiting"
+    GRANTED = "granted"
+    DONE = "done"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Agent:
+    """One agent's row in the gate's table."""
+
+    agent_id: str
+    seq: int
+    state: AgentState
+    since: float
+    last_seen: float
+    priority: int = 0
+    context_tokens: int = 0
+    requests: int = 0
+    in_flight: int = 0
+    ending: bool = False
+    last_usage: int | None = None
+    """Context size reported by the agent's previous response (for growth per step)."""
+    admitted_at: float | None = None
+    pending: deque[Ticket] = field(default_factory=deque)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's passage through the gate."""
+
+    agent_id: str
+    created_at: float
+    context_tokens: int = 0
+    done: bool = False
+    status: TicketStatus = TicketStatus.WAITING
+    error: AdmissionError | None = None
+    granted_at: float | None = None
+    new_agent: bool = False
+    """This request was its agent's first: it waited in the admission queue."""
+    held: bool = False
+    """Held by request-level gating (``epp``), not by agent admission."""
+    usage_tokens: int | None = None
+    """Set by the caller before :meth:`AdmissionGate.finish`: the agent's context after
+    this request (prompt + completion tokens), for working-set pressure."""
+    on_resolve: Callable[[Ticket], None] | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.status is TicketStatus.GRANTED
+
+    @property
+    def waited(self) -> float | None:
+        return None if self.granted_at is None else self.granted_at - self.created_at
+
+
+@dataclass(frozen=True, slots=True)
+class GateEvent:
+    """Something the gate did, for logs and metrics."""
+
+    kind: str
+    """admitted, queued, full, timeout, cancelled, paused, resumed, ended, held, released."""
+    agent_id: str
+    at: float
+    waited: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GateView:
+    """A consistent snapshot of the gate, for policies and status pages."""
+
+    window: int | None
+    live: int
+    paused: int
+    queued: int
+    held: int
+    live_tokens: int
+    growth_tokens: float
+    live_contexts_newest_first: tuple[int, ...]
+    candidate_contexts: tuple[int, ...]
+
+    @property
+    def active(self) -> int:
+        """Admitted agents, live or paused."""
+        return self.live + self.paused
+
+
+class AdmissionGate:
+    """Agent table, window, FIFO queue and idle reaper; time comes from ``clock``."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        window: int | None = None,
+        max_queue_len: int | None = None,
+        max_queue_wait: float | None = None,
+        idle_timeout: float | None = None,
+        on_event: Callable[[GateEvent], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self.window = window
+        self.max_queue_len = max_queue_len
+        self.max_queue_wait = max_queue_wait
+        self.idle_timeout = idle_timeout
+        self.on_event = on_event
+        self.hold_requests = False
+        self.growth = GrowthEstimator()
+        self._seq = itertools.count()
+        self._admitted: dict[str, Agent] = {}
+        self._queue: dict[str, Agent] = {}
+        self._held: deque[Ticket] = deque()
+        self._live = 0
+        self._paused = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------- views
+
+    @property
+    def live(self) -> int:
+        return self._live
+
+    @property
+    def paused(self) -> int:
+        return self._paused
+
+    @property
+    def active(self) -> int:
+        return self._live + self._paused
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def agents(self) -> Iterator[Agent]:
+        """Admitted agents in admission order, then queued ones in queue order."""
+        yield from self._admitted.values()
+        yield from self._queue.values()
+
+    def get(self, agent_id: str) -> Agent | None:
+        return self._admitted.get(agent_id) or self._queue.get(agent_id)
+
+    def view(self) -> GateView:
+        live_ctx: list[int] = []
+        live_tokens = 0
+        growth = 0.0
+        paused: list[Agent] = []
+        for agent in reversed(self._admitted.values()):
+            if agent.state is AgentState.LIVE:
+                live_ctx.append(agent.context_tokens)
+                live_tokens += agent.context_tokens
+                growth += self.growth.remaining_growth(agent.requests)
+            else:
+                paused.append(agent)
+        paused.reverse()
+        candidates = [a.context_tokens for a in paused]
+        candidates.extend(a.context_tokens for a in self._queue_order())
+        return GateView(
+            window=self.window,
+            live=self._live,
+            paused=self._paused,
+            queued=len(self._queue),
+            held=len(self._held),
+            live_tokens=live_tokens,
+            growth_tokens=growth,
+            live_contexts_newest_first=tuple(live_ctx),
+            candidate_contexts=tuple(candidates),
+        )
+
+    # ------------------------------------------------------------- requests
+
+    def submit(
+        self,
+        agent_id: str,
+        *,
+        context_tokens: int = 0,
+        priority: int = 0,
+        done: bool = False,
+        on_resolve: Callable[[Ticket], None] | None = None,
+    ) -> Ticket:
+        """Present one request of ``agent_id``; returns its ticket, granted or waiting.
+
+        A waiting ticket is resolved later (granted or rejected) and then
+        ``on_resolve`` is called. Raises :class:`QueueFull` when a new agent
+        finds the queue full, :class:`GateClosed` after :meth:`close`.
+        """
+        now = self._clock()
+        if self._closed:
+            raise GateClosed("concur is shutting down; retry against another replica")
+        ticket = Ticket(
+            agent_id=agent_id,
+            created_at=now,
+            context_tokens=context_tokens,
+            done=done,
+            on_resolve=on_resolve,
+        )
+        agent = self._admitted.get(agent_id)
+        if agent is not None:
+            agent.last_seen = now
+            agent.context_tokens = max(agent.context_tokens, context_tokens)
+            if agent.state is AgentState.PAUSED:
+                agent.pending.append(ticket)
+                return ticket
+            return self._grant_or_hold(agent, ticket, now)
+        agent = self._queue.get(agent_id)
+        if agent is not None:
+            agent.context_tokens = max(agent.context_tokens, context_tokens)
+            ticket.new_agent = True
+            agent.pending.append(ticket)
+            return ticket
+        ticket.new_agent = True
+        agent = Agent(
+            agent_id=agent_id,
+            seq=next(self._seq),
+            state=AgentState.QUEUED,
+            since=now,
+            last_seen=now,
+            priority=priority,
+            context_tokens=context_tokens,
+        )
+        if self._room() and not self._paused and not self._queue:
+            self._admit(agent, now)
+            return self._grant_or_hold(agent, ticket, now)
+        if self.max_queue_len is not None and len(self._queue) >= self.max_queue_len:
+            self._emit("full", agent_id, now)
+            err = QueueFull(
+                f"admission queue is full ({self.max_queue_len} agents waiting); retry later"
+            )
+            err.retry_after = self._retry_hint()
+            raise err
+        agent.pending.append(ticket)
+        self._queue[agent_id] = agent
+        self._emit("queued", agent_id, now)
+        return ticket
+
+    def finish(self, ticket: Ticket) -> None:
+        """The granted request is over (success, error or client gone). Idempotent."""
+        if ticket.status is not TicketStatus.GRANTED:
+            return
+        ticket.status = TicketStatus.DONE
+        agent = self._admitted.get(ticket.agent_id)
+        if agent is None:
+            return
+        now = self._clock()
+        agent.in_flight -= 1
+        agent.requests += 1
+        agent.last_seen = now
+        if ticket.usage_tokens is not None:
+            if agent.last_usage is not None:
+                self.growth.observe_step(ticket.usage_tokens - agent.last_usage, agent.requests)
+            agent.last_usage = ticket.usage_tokens
+            agent.context_tokens = ticket.usage_tokens
+        if ticket.done:
+            agent.ending = True
+        if agent.ending and agent.in_flight == 0 and not agent.pending:
+            self._end(agent, now, "done")
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The caller gave up on this ticket (timeout, disconnect, cancellation).
+
+        A waiting ticket leaves no trace; a queued agent whose only request
+        this was is removed. A ticket granted in the same instant is finished,
+        and if it admitted its agent and nothing else happened, the agent is
+        removed too, so a cancelled first request never holds a slot.
+        """
+        now = self._clock()
+        if ticket.status is TicketStatus.GRANTED:
+            ticket.status = TicketStatus.CANCELLED
+            agent = self._admitted.get(ticket.agent_id)
+            if agent is None:
+                return
+            agent.in_flight -= 1
+            idle = agent.in_flight == 0 and not agent.pending
+            if idle and (agent.requests == 0 or agent.ending):
+                self._end(agent, now, "cancelled")
+            return
+        if ticket.status is not TicketStatus.WAITING:
+            return
+        ticket.status = TicketStatus.CANCELLED
+        if ticket.held:
+            self._held.remove(ticket)
+            agent = self._admitted.get(ticket.agent_id)
+            if agent is not None:
+                agent.in_flight -= 1
+                if agent.in_flight == 0 and not agent.pending and agent.requests == 0:
+                    self._end(agent, now, "cancelled")
+            return
+        agent = self.get(ticket.agent_id)
+        if agent is None:
+            return
+        agent.pending.remove(ticket)
+        if agent.state is AgentState.QUEUED and not agent.pending:
+            del self._queue[agent.agent_id]
+            self._emit("cancelled", agent.agent_id, now)
+
+    def end(self, agent_id: str, reason: str = "ended") -> bool:
+        """End an agent now (admin call or caller's decision); False if unknown."""
+        agent = self.get(agent_id)
+        if agent is None:
+            return False
+        self._end(agent, self._clock(), reason)
+        return True
+
+    # --------------------------------------------------------------- control
+
+    def apply(
+        self,
+        window: int | None,
+        *,
+        pause: bool = False,
+        hold_requests: bool = False,
+        release_limit: int | None = None,
+    ) -> None:
+        """Apply a policy decision: set the window, pause or release agents."""
+        now = self._clock()
+        self.window = window
+        self.hold_requests = hold_requests
+        if pause and window is not None and self._live > window:
+            excess = self._live - window
+            for agent in reversed(list(self._admitted.values())):
+                if excess == 0:
+                    break
+                if agent.state is AgentState.LIVE:
+                    agent.state = AgentState.PAUSED
+                    agent.since = now
+                    self._live -= 1
+                    self._paused += 1
+                    excess -= 1
+                    self._emit("paused", agent.agent_id, now)
+        self._fill(release_limit, now)
+        if not hold_requests:
+            while self._held:
+                ticket = self._held.popleft()
+                ticket.held = False
+                self._grant(ticket, now)
+                self._emit("released", ticket.agent_id, now, ticket.waited)
+
+    def reap(self) -> list[str]:
+        """End admitted agents idle for ``idle_timeout``; returns their ids."""
+        if self.idle_timeout is None:
+            return []
+        now = self._clock()
+        idle = [
+            a
+            for a in self._admitted.values()
+            if a.in_flight == 0 and not a.pending and now - a.last_seen >= self.idle_timeout
+        ]
+        for agent in idle:
+            self._end(agent, now, "idle")
+        return [a.agent_id for a in idle]
+
+    def expire(self) -> list[Ticket]:
+        """Reject waiting tickets older than ``max_queue_wait`` (virtual-time callers)."""
+        if self.max_queue_wait is None:
+            return []
+        now = self._clock()
+        late = [
+            t
+            for a in list(self._queue.values())
+            for t in a.pending
+            if now - t.created_at >= self.max_queue_wait
+        ]
+        late.extend(t for t in self._held if now - t.created_at >= self.max_queue_wait)
+        for ticket in late:
+            self.abandon(ticket)
+            ticket.status = TicketStatus.REJECTED
+            ticket.error = self._timeout_error(now - ticket.created_at)
+            self._emit("timeout", ticket.agent_id, now, now - ticket.created_at)
+            if ticket.on_resolve is not None:
+                ticket.on_resolve(ticket)
+        return late
+
+    def close(self) -> None:
+        """Shut down: refuse new requests and reject everything still waiting."""
+        self._closed = True
+        waiting = [t for a in self.agents() for t in a.pending]
+        waiting.extend(self._held)
+        for ticket in waiting:
+            self.abandon(ticket)
+            self._reject(ticket, GateClosed("concur is shutting down; retry"))
+
+    # ----------------------------------------------------------------- async
+
+    async def acquire(
+        self,
+        agent_id: str,
+        *,
+        context_tokens: int = 0,
+        priority: int = 0,
+        done: bool = False,
+    ) -> Ticket:
+        """Wait until the request may go upstream; returns its granted ticket.
+
+        Raises :class:`QueueFull`, :class:`QueueTimeout` (after ``max_queue_wait``
+        in the admission queue), :class:`AgentEnded` or :class:`GateClosed`.
+        Cancellation while waiting leaves no trace in the gate.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Ticket) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        ticket = self.submit(
+            agent_id, context_tokens=context_tokens, priority=priority, done=done, on_resolve=wake
+        )
+        if ticket.granted:
+            return ticket
+        timeout = self.max_queue_wait if (ticket.new_agent or ticket.held) else None
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            if ticket.granted:
+                return ticket
+            self.abandon(ticket)
+            now = self._clock()
+            self._emit("timeout", agent_id, now, now - ticket.created_at)
+            raise self._timeout_error(now - ticket.created_at) from None
+        except BaseException:
+            self.abandon(ticket)
+            raise
+        if ticket.status is TicketStatus.REJECTED:
+            assert ticket.error is not None
+            raise ticket.error
+        return ticket
+
+    @asynccontextmanager
+    async def permit(
+        self,
+        agent_id: str,
+        *,
+        context_tokens: int = 0,
+        priority: int = 0,
+        done: bool = False,
+    ) -> AsyncIterator[Ticket]:
+        """``async with gate.permit(agent) as ticket:`` the request runs inside.
+
+        The permit travels with the request and is released on every path,
+        including cancellation. Set ``ticket.usage_tokens`` before leaving to
+        record the agent's context size.
+        """
+        ticket = await self.acquire(
+            agent_id, context_tokens=context_tokens, priority=priority, done=done
+        )
+        try:
+            yield ticket
+        finally:
+            self.finish(ticket)
+
+    # -------------------------------------------------------------- internal
+
+    def _room(self) -> bool:
+        return self.window is None or self._live < self.window
+
+    def _queue_order(self) -> list[Agent]:
+        if not self._queue:
+            return []
+        # FIFO within a priority class; a higher class goes first. dict order is arrival order.
+        return sorted(self._queue.values(), key=lambda a: (-a.priority, a.seq))
+
+    def _fill(self, limit: int | None, now: float) -> None:
+        released = 0
+        while self._room() and (limit is None or released < limit):
+            agent = self._next_candidate()
+            if agent is None:
+                break
+            released += 1
+            if agent.state is AgentState.PAUSED:
+                paused_for = now - agent.since
+                agent.state = AgentState.LIVE
+                agent.since = now
+                self._paused -= 1
+                self._live += 1
+                self._emit("resumed", agent.agent_id, now, paused_for)
+            else:
+                del self._queue[agent.agent_id]
+                self._admit(agent, now)
+            while agent.pending:
+                self._grant_or_hold(agent, agent.pending.popleft(), now)
+
+    def _next_candidate(self) -> Agent | None:
+        if self._paused:
+            return min(
+                (a for a in self._admitted.values() if a.state is AgentState.PAUSED),
+                key=lambda a: a.seq,
+            )
+        if not self._queue:
+            return None
+        if all(a.priority == 0 for a in self._queue.values()):
+            return next(iter(self._queue.values()))
+        return self._queue_order()[0]
+
+    def _admit(self, agent: Agent, now: float) -> None:
+        waited = now - agent.since
+        agent.state = AgentState.LIVE
+        agent.since = now
+        agent.admitted_at = now
+        agent.last_seen = now
+        self._admitted[agent.agent_id] = agent
+        self._live += 1
+        self._emit("admitted", agent.agent_id, now, waited)
+
+    def _grant_or_hold(self, agent: Agent, ticket: Ticket, now: float) -> Ticket:
+        # in_flight counts held tickets too: an agent with a held request is not idle.
+        agent.in_flight += 1
+        if self.hold_requests:
+            ticket.held = True
+            self._held.append(ticket)
+            self._emit("held", agent.agent_id, now)
+        else:
+            self._grant(ticket, now)
+        return ticket
+
+    def _grant(self, ticket: Ticket, now: float) -> None:
+        ticket.status = TicketStatus.GRANTED
+        ticket.granted_at = now
+        if ticket.on_resolve is not None:
+            ticket.on_resolve(ticket)
+
+    def _reject(self, ticket: Ticket, error: AdmissionError) -> None:
+        ticket.status = TicketStatus.REJECTED
+        ticket.error = error
+        if ticket.on_resolve is not None:
+            ticket.on_resolve(ticket)
+
+    def _end(self, agent: Agent, now: float, reason: str) -> None:
+        if agent.state is AgentState.QUEUED:
+            self._queue.pop(agent.agent_id, None)
+        else:
+            if self._admitted.pop(agent.agent_id, None) is None:
+                return
+            if agent.state is AgentState.LIVE:
+                self._live -= 1
+            else:
+                self._paused -= 1
+            self.growth.observe_end(agent.requests)
+        pending = list(agent.pending)
+        agent.pending.clear()
+        held = [t for t in self._held if t.agent_id == agent.agent_id]
+        for ticket in held:
+            self._held.remove(ticket)
+        for ticket in [*pending, *held]:
+            self._reject(ticket, AgentEnded(f"agent {agent.agent_id!r} was ended ({reason})"))
+        self._emit("ended", agent.agent_id, now, detail=reason)
+        if agent.state is not AgentState.QUEUED:
+            self._fill(1, now)
+
+    def _retry_hint(self) -> float:
+        return float(self.max_queue_wait) if self.max_queue_wait else 1.0
+
+    def _timeout_error(self, waited: float) -> QueueTimeout:
+        err = QueueTimeout(
+            f"waited {waited:.1f}s for an agent slot (max_queue_wait); the engine is at capacity, "
+            "retry later"
+        )
+        err.retry_after = self._retry_hint()
+        return err
+
+    def _emit(
+        self, kind: str, agent_id: str, at: float, waited: float | None = None, detail: str = ""
+    ) -> None:
+        if self.on_event is not None:
+            self.on_event(GateEvent(kind, agent_id, at, waited, detail))

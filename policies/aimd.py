@@ -1,0 +1,160 @@
+"""AIMD over the number of live agents, like TCP's congestion window.
+
+Congestion (pressure above ``high``, new preemptions, or a hit rate below
+``hit_floor``) multiplies the window by ``beta``, at most once per
+``decrease_cooldown`` so one sustained reading does not collapse it to
+``min_window``. Headroom (pressure below ``low``) adds ``alpha``, but only while
+the window is in use, so an idle window does not grow without bound.
+
+The ``paper`` preset is CONCUR's own law (arXiv 2601.22705): engine KV usage
+only, low 0.2 / high 0.5, and a decrease only when usage is high *and* the hit
+rate has fallen below 0.2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from concur.policies import pressure as pressure_mod
+from concur.policies.base import Decision, Observation
+from concur.policies.pressure import PressureSource
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.5)]
+
+
+class AIMDParams(BaseModel):
+    """Parameters of the AIMD window controller (validated once, then frozen)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pressure: tuple[PressureSource, ...] = ("kv", "working_set")
+    """Sources of pressure, combined by max. The default keeps engine KV usage in it."""
+    high: Fraction = 0.85
+    """Congestion above this pressure: shrink the window (and pause, if enabled)."""
+    low: Fraction = 0.70
+    """Headroom below this pressure: grow the window while it is in use."""
+    alpha: int = Field(1, ge=1, le=1024)
+    """Additive increase per tick, and the most agents released per tick."""
+    beta: float = Field(0.5, gt=0.0, lt=1.0)
+    """Multiplicative decrease factor."""
+    initial_window: int = Field(8, ge=1)
+    min_window: int = Field(1, ge=1)
+    max_window: int = Field(1024, ge=1)
+    decrease_cooldown: float = Field(5.0, ge=0.0)
+    """Seconds between two decreases."""
+    on_preemption: bool = True
+    """Treat new engine preemptions as congestion."""
+    hit_floor: float | None = Field(None, ge=0.0, le=1.0)
+    """Treat a hit rate below this as congestion (``None`` = off)."""
+    require_low_hit: bool = False
+    """Decrease only when pressure is high *and* the hit rate is below ``hit_floor`` (paper)."""
+    pause: bool = True
+    """Step-boundary pausing: hold the next request of the newest live agents beyond the window."""
+
+    @field_validator("pressure", mode="before")
+    @classmethod
+    def _parse_pressure(cls, v: Any) -> Any:
+        return pressure_mod.parse_sources(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.min_window > self.max_window:
+            raise ValueError(
+                f"min_window ({self.min_window}) must not exceed max_window ({self.max_window})"
+            )
+        if not self.min_window <= self.initial_window <= self.max_window:
+            raise ValueError(
+                f"initial_window ({self.initial_window}) must lie in "
+                f"[min_window, max_window] = [{self.min_window}, {self.max_window}]"
+            )
+        if self.require_low_hit and self.hit_floor is None:
+            raise ValueError("require_low_hit needs hit_floor to be set")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "kv": {"pressure": ("kv",)},
+    "paper": {
+        "pressure": ("kv",),
+        "low": 0.2,
+        "high": 0.5,
+        "hit_floor": 0.2,
+        "require_low_hit": True,
+        "alpha": 2,
+        "beta": 0.5,
+        "on_preemption": False,
+        "pause": False,
+    },
+}
+
+
+class AIMD:
+    """Additive-increase, multiplicative-decrease window over live agents."""
+
+    name = "aimd"
+
+    def __init__(self, params: AIMDParams | None = None, *, preset: str = "default") -> None:
+        self.params = params or AIMDParams()
+        self.preset = preset
+        self.window = self.params.initial_window
+        self._last_decrease: float | None = None
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "preset": self.preset, **self.params.model_dump()}
+
+    def initial_window(self) -> int | None:
+        return self.params.initial_window
+
+    def _congested(self, p: float | None, obs: Observation) -> tuple[bool, str]:
+        prm = self.params
+        high = p is not None and p > prm.high
+        low_hit = (
+            prm.hit_floor is not None and obs.hit_rate is not None and obs.hit_rate < prm.hit_floor
+        )
+        if prm.require_low_hit:
+            return (high and low_hit), "pressure+hit_rate"
+        if high:
+            return True, "pressure"
+        if prm.on_preemption and obs.new_preemptions is not None and obs.new_preemptions > 0:
+            return True, "preemptions"
+        if low_hit:
+            return True, "hit_rate"
+        return False, ""
+
+    def decide(self, obs: Observation) -> Decision:
+        prm = self.params
+        values = pressure_mod.parts(obs)
+        p = pressure_mod.combine(values, prm.pressure)
+        congested, why = self._congested(p, obs)
+        reason = "hold"
+        if congested:
+            cooling = (
+                self._last_decrease is not None
+                and obs.now - self._last_decrease < prm.decrease_cooldown
+            )
+            if cooling:
+                reason = "cooldown"
+            else:
+                new = max(prm.min_window, math.floor(self.window * prm.beta))
+                reason = f"decrease:{why}" if new < self.window else "at_min"
+                self.window = new
+                self._last_decrease = obs.now
+        elif p is not None and p < prm.low and obs.in_use:
+            new = min(prm.max_window, self.window + prm.alpha)
+            reason = "increase" if new > self.window else "at_max"
+            self.window = new
+        pause = prm.pause and p is not None and p > prm.high
+        return Decision(
+            window=self.window,
+            pressure=p,
+            parts=values,
+            reason=reason,
+            pause=pause,
+            release_limit=prm.alpha,
+        )

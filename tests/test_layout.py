@@ -1,0 +1,56 @@
+"""Packaging: adapters, policies and sim exist only as concur.adapters, concur.policies, concur.sim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ("adapters", "policies", "sim")
+
+
+def test_subpackages_never_import_as_top_level_modules() -> None:
+    code = (
+        "import sys, concur.cli, concur.admission, concur.control, concur.policies, "
+        "concur.adapters, concur.sim\n"
+        "import pkgutil, importlib, concur\n"
+        "for m in pkgutil.walk_packages(concur.__path__, 'concur.'):\n"
+        "    importlib.import_module(m.name)\n"
+        f"bad = sorted(n for n in sys.modules if n.split('.')[0] in {SUBPACKAGES!r})\n"
+        "print(len([n for n in sys.modules if n.startswith('concur.')]))\n"
+        "assert not bad, bad\n"
+    )
+    # Run from a neutral directory so the repository root is not on sys.path.
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) > 10
+
+
+def test_symlinks_are_relative() -> None:
+    for name in SUBPACKAGES:
+        link = ROOT / "concur" / name
+        assert link.is_symlink(), f"concur/{name} must be a symlink to ../{name}"
+        assert str(link.readlink()) == f"../{name}"
+
+
+@pytest.mark.slow
+def test_built_wheel_holds_the_subpackages(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path),
+         str(ROOT)],
+        capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    wheel = next(tmp_path.glob("concur-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for pkg in SUBPACKAGES:
+        assert f"concur/{pkg}/__init__.py" in names, f"concur/{pkg} missing from {wheel.name}"
+        assert not any(n.startswith(f"{pkg}/") for n in names), f"top-level {pkg}/ in wheel"
+    assert "concur/policies/aimd.py" in names
+    assert "concur/adapters/signal.py" in names
