@@ -73,9 +73,7 @@ class Fit:
             if target == obs.live:
                 target = obs.live - 1
             window = max(prm.min_window, target)
-            return Decision(
-                window=window, pressure=p, parts=values, reason="over", pause=prm.pause
-            )
+            return Decision(window=window, pressure=p, parts=values, reason="over", pause=prm.pause)
         window = obs.live
         extra = 0
         for ctx in obs.candidate_contexts:

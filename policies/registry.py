@@ -1,4 +1,4 @@
-"""Policy names and specs: ``aimd``, ``aimd:paper``, ``static:64``, ``unlimited``, ``fit``, ``epp``."""
+"""Policy names and specs: aimd, aimd:paper, static:64, unlimited, fit, epp."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from hypothesis import given, settings
@@ -244,8 +245,9 @@ def test_usage_tracks_context_and_growth() -> None:
 
 
 async def test_acquire_waits_then_times_out_with_429_info() -> None:
-    gate = AdmissionGate(clock=lambda: asyncio.get_running_loop().time(), window=1,
-                         max_queue_wait=0.05)
+    gate = AdmissionGate(
+        clock=lambda: asyncio.get_running_loop().time(), window=1, max_queue_wait=0.05
+    )
     first = await gate.acquire("a")
     with pytest.raises(QueueTimeout) as err:
         await gate.acquire("b")
@@ -306,16 +308,15 @@ def test_random_sequences_always_drain_to_zero(
     ops: list[tuple[str, int, int, bool]],
 ) -> None:
     clock = FakeClock()
-    gate = AdmissionGate(clock=clock, window=2, max_queue_len=5, max_queue_wait=5.0,
-                         idle_timeout=20.0)
+    gate = AdmissionGate(
+        clock=clock, window=2, max_queue_len=5, max_queue_wait=5.0, idle_timeout=20.0
+    )
     tickets: list[Ticket] = []
     for op, agent_no, arg, flag in ops:
         agent = f"a{agent_no}"
         if op in ("req", "done"):
-            try:
+            with contextlib.suppress(QueueFull):
                 tickets.append(gate.submit(agent, context_tokens=arg * 100, done=op == "done"))
-            except QueueFull:
-                pass
         elif op == "finish" and tickets:
             t = tickets[arg % len(tickets)]
             t.usage_tokens = arg * 150
@@ -325,8 +326,12 @@ def test_random_sequences_always_drain_to_zero(
         elif op == "end":
             gate.end(agent)
         elif op == "apply":
-            gate.apply(arg or None, pause=flag, hold_requests=arg == 6 and flag,
-                       release_limit=1 if flag else None)
+            gate.apply(
+                arg or None,
+                pause=flag,
+                hold_requests=arg == 6 and flag,
+                release_limit=1 if flag else None,
+            )
         else:
             clock.now += arg
             gate.expire()

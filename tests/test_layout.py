@@ -1,4 +1,4 @@
-"""Packaging: adapters, policies and sim exist only as concur.adapters, concur.policies, concur.sim."""
+"""Packaging: adapters, policies and sim exist only as concur.adapters etc."""
 
 from __future__ import annotations
 
@@ -42,9 +42,19 @@ def test_symlinks_are_relative() -> None:
 @pytest.mark.slow
 def test_built_wheel_holds_the_subpackages(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path),
-         str(ROOT)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     wheel = next(tmp_path.glob("concur-*.whl"))

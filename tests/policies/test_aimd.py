@@ -13,12 +13,29 @@ from concur.policies.registry import PolicySettings
 CAP = 100_000
 
 
-def obs(now: float, window: int, *, kv: float | None = None, live: int = 0, queued: int = 0,
-        live_tokens: int = 0, hit: float | None = None, preempt: float | None = 0.0,
-        paused: int = 0) -> Observation:
+def obs(
+    now: float,
+    window: int,
+    *,
+    kv: float | None = None,
+    live: int = 0,
+    queued: int = 0,
+    live_tokens: int = 0,
+    hit: float | None = None,
+    preempt: float | None = 0.0,
+    paused: int = 0,
+) -> Observation:
     return Observation(
-        now=now, window=window, live=live, queued=queued, paused=paused, kv_usage=kv,
-        hit_rate=hit, new_preemptions=preempt, capacity_tokens=CAP, live_tokens=live_tokens,
+        now=now,
+        window=window,
+        live=live,
+        queued=queued,
+        paused=paused,
+        kv_usage=kv,
+        hit_rate=hit,
+        new_preemptions=preempt,
+        capacity_tokens=CAP,
+        live_tokens=live_tokens,
     )
 
 
@@ -121,7 +138,9 @@ def test_preset_yields_to_explicit_fields() -> None:
         ({"pressure": "kv,bogus"}, "unknown pressure source 'bogus'"),
     ],
 )
-def test_bad_parameters_are_rejected_with_a_reason(kwargs: dict[str, object], fragment: str) -> None:
+def test_bad_parameters_are_rejected_with_a_reason(
+    kwargs: dict[str, object], fragment: str
+) -> None:
     with pytest.raises(ValidationError) as err:
         AIMDParams(**kwargs)  # type: ignore[arg-type]
     assert fragment in str(err.value)
@@ -144,11 +163,18 @@ def test_bad_parameters_are_rejected_with_a_reason(kwargs: dict[str, object], fr
         max_size=60,
     ),
 )
-def test_window_never_leaves_bounds(min_w: int, span: int, alpha: int, beta: float,
-                                    steps: list[tuple[float, int, int, int, float]]) -> None:
+def test_window_never_leaves_bounds(
+    min_w: int, span: int, alpha: int, beta: float, steps: list[tuple[float, int, int, int, float]]
+) -> None:
     max_w = min_w + span
-    prm = AIMDParams(min_window=min_w, max_window=max_w, initial_window=min_w, alpha=alpha,
-                     beta=beta, decrease_cooldown=1.0)
+    prm = AIMDParams(
+        min_window=min_w,
+        max_window=max_w,
+        initial_window=min_w,
+        alpha=alpha,
+        beta=beta,
+        decrease_cooldown=1.0,
+    )
     p = AIMD(prm)
     now = 0.0
     for kv, live, queued, pre, dt in steps:

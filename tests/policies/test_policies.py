@@ -46,8 +46,9 @@ def test_bad_specs(spec: str, fragment: str) -> None:
 
 
 def test_pressure_sources_combine_by_max() -> None:
-    o = Observation(now=0, window=4, kv_usage=0.3, capacity_tokens=1000, live_tokens=500,
-                    growth_tokens=300)
+    o = Observation(
+        now=0, window=4, kv_usage=0.3, capacity_tokens=1000, live_tokens=500, growth_tokens=300
+    )
     parts = pressure_mod.parts(o)
     assert parts == {"kv": 0.3, "working_set": 0.5, "projected": 0.8}
     assert pressure_mod.combine(parts, ("kv",)) == 0.3
@@ -60,8 +61,14 @@ def test_pressure_sources_combine_by_max() -> None:
 
 def test_fit_admits_what_fits_under_low() -> None:
     p = Fit(FitParams(low=0.7, high=0.9, pressure=("working_set",)))
-    o = Observation(now=0, window=2, live=2, capacity_tokens=1000, live_tokens=400,
-                    candidate_contexts=(100, 150, 100))
+    o = Observation(
+        now=0,
+        window=2,
+        live=2,
+        capacity_tokens=1000,
+        live_tokens=400,
+        candidate_contexts=(100, 150, 100),
+    )
     d = p.decide(o)
     # 400 + 100 = 500 fits, + 150 = 650 fits, + 100 = 750 > 700 does not.
     assert d.window == 4 and not d.pause
@@ -69,8 +76,14 @@ def test_fit_admits_what_fits_under_low() -> None:
 
 def test_fit_pauses_newest_until_under_high() -> None:
     p = Fit(FitParams(low=0.7, high=0.9, pressure=("working_set",)))
-    o = Observation(now=0, window=5, live=5, capacity_tokens=1000, live_tokens=1100,
-                    live_contexts_newest_first=(150, 100, 300, 300, 250))
+    o = Observation(
+        now=0,
+        window=5,
+        live=5,
+        capacity_tokens=1000,
+        live_tokens=1100,
+        live_contexts_newest_first=(150, 100, 300, 300, 250),
+    )
     d = p.decide(o)
     # 1100 -> drop newest 150 -> 950 (> 900) -> drop 100 -> 850: 3 live remain.
     assert d.window == 3 and d.pause
