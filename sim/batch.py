@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import queue
@@ -39,9 +40,7 @@ def run_job(job: Job, progress: ProgressFn | None = None) -> RunResult:
     """Run one job in this process."""
     engine: Any
     if job.engine_kind == "vllm":
-        from concur.sim.vllm_engine import VllmEngine
-
-        engine = VllmEngine(job.engine)
+        engine = _vllm_engine(job.engine)
     else:
         engine = EngineModel(job.engine.build())
     policy = build_policy(job.spec, job.settings)
@@ -58,6 +57,17 @@ def run_job(job: Job, progress: ProgressFn | None = None) -> RunResult:
     result = runner.run()
     result.summary = _relabel(result, job.label)
     return result
+
+
+def _vllm_engine(spec: EngineSpec) -> Any:
+    """vLLM's own scheduler behind the runner's engine interface (the ``vllm`` extra)."""
+    try:
+        module = importlib.import_module("concur.sim.vllm_engine")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"--engine vllm needs the vllm extra: pip install 'concur[vllm]' ({exc})"
+        ) from exc
+    return module.VllmEngine(spec)
 
 
 def _relabel(result: RunResult, label: str) -> Any:
