@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+SRC := concur adapters policies sim tests bench
 
 .PHONY: demo test lint typecheck pytest test-vllm clean
 
@@ -22,8 +23,8 @@ demo: $(VENV)/.installed
 	$(BIN)/concur demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check concur tests bench
-	$(BIN)/ruff format --check concur tests bench
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -6,9 +6,11 @@ Congestion (pressure above ``high``, new preemptions, or a hit rate below
 ``min_window``. Headroom (pressure below ``low``) adds ``alpha``, but only while
 the window is in use, so an idle window does not grow without bound.
 
-The ``paper`` preset is CONCUR's own law (arXiv 2601.22705): engine KV usage
-only, low 0.2 / high 0.5, and a decrease only when usage is high *and* the hit
-rate has fallen below 0.2.
+Presets (``aimd:<name>``): ``kv`` (engine KV usage alone, admission only),
+``admission`` (the default pressure, no pausing), ``projected`` (anticipated
+growth instead of pausing) and ``paper``, CONCUR's own law (arXiv 2601.22705):
+engine KV usage only, low 0.2 / high 0.5, and a decrease only when usage is high
+*and* the hit rate has fallen below 0.2.
 """
 
 from __future__ import annotations
@@ -79,7 +81,13 @@ class AIMDParams(BaseModel):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "kv": {"pressure": ("kv",)},
+    # Engine KV usage alone, admission only: the controller DESIGN section 4 measured
+    # on vLLM's scheduler (decrease above 0.85, increase below 0.5).
+    "kv": {"pressure": ("kv",), "low": 0.5, "pause": False},
+    # The default pressure without step-boundary pausing: what pausing buys.
+    "admission": {"pause": False},
+    # Anticipate growth instead of pausing.
+    "projected": {"pressure": ("kv", "projected"), "pause": False},
     "paper": {
         "pressure": ("kv",),
         "low": 0.2,

@@ -33,6 +33,16 @@ def test_subpackages_never_import_as_top_level_modules() -> None:
     assert int(out.stdout.strip()) > 10
 
 
+def test_subpackages_are_not_importable_as_top_level_names_in_tests() -> None:
+    import importlib.util
+
+    # tests/sim etc. may resolve as namespace packages; the repository's own folders must not.
+    for name in SUBPACKAGES:
+        spec = importlib.util.find_spec(name)
+        where = [] if spec is None else list(spec.submodule_search_locations or [])
+        assert str(ROOT / name) not in where, f"{ROOT / name} is importable as {name!r}"
+
+
 def test_symlinks_are_relative() -> None:
     for name in SUBPACKAGES:
         link = ROOT / "concur" / name

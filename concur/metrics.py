@@ -1,0 +1,185 @@
+"""concur's own Prometheus metrics, in a registry owned by one :class:`ConcurMetrics`.
+
+No module-level registry: each application (and each test) builds its own, so
+two proxies in one process never share counters. Counters and histograms are
+updated as things happen (gate events, ticks, upstream responses); gauges are
+set from the gate and controller just before each scrape (:meth:`update`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from concur.admission import GateEvent
+from concur.control import TickRecord
+
+ADMISSION_OUTCOMES = ("admitted", "queued", "full", "timeout", "cancelled", "closed", "bypassed")
+"""``concur_admissions_total{outcome}``: what happened to a new agent (or an anonymous,
+ungated request: ``bypassed``). ``closed`` = refused while shutting down."""
+AGENT_EVENTS = ("paused", "resumed", "ended", "held", "released")
+
+QUEUE_WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True, slots=True)
+class GaugeValues:
+    """The instantaneous values behind the gauges (``None`` = unknown)."""
+
+    window: int | None
+    active: int
+    live: int
+    paused: int
+    queued: int
+    pressure: float | None
+    kv_usage: float | None
+    hit_rate: float | None
+    signal_age: float | None
+
+
+def _num(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+class ConcurMetrics:
+    """The proxy's metrics and the registry they live in."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.window = Gauge(
+            "concur_window", "Admission window: live agents allowed (+Inf = unlimited)", registry=r
+        )
+        self.agents_active = Gauge(
+            "concur_agents_active", "Admitted agents (live + paused)", registry=r
+        )
+        self.agents_live = Gauge("concur_agents_live", "Admitted, not paused agents", registry=r)
+        self.agents_paused = Gauge(
+            "concur_agents_paused", "Admitted agents held at their next step", registry=r
+        )
+        self.agents_queued = Gauge(
+            "concur_agents_queued", "New agents waiting for admission", registry=r
+        )
+        self.pressure = Gauge(
+            "concur_pressure",
+            "Pressure the policy acted on at the last tick (NaN = unknown)",
+            registry=r,
+        )
+        self.engine_kv_usage = Gauge(
+            "concur_engine_kv_usage", "Engine KV-cache usage, 0-1 (NaN = unknown)", registry=r
+        )
+        self.engine_hit_rate = Gauge(
+            "concur_engine_hit_rate",
+            "Engine prefix-cache hit rate over the last interval (NaN = unknown)",
+            registry=r,
+        )
+        self.signal_age = Gauge(
+            "concur_signal_age_seconds", "Age of the latest engine signal (NaN = none)", registry=r
+        )
+        self.admissions = Counter(
+            "concur_admissions", "Admission outcomes of new agents", ["outcome"], registry=r
+        )
+        self.agent_events = Counter(
+            "concur_agent_events", "Pauses, resumes, ends and held requests", ["event"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "concur_queue_wait_seconds",
+            "Time new agents waited for admission",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.window_changes = Counter(
+            "concur_window_changes", "Window changes by direction", ["direction"], registry=r
+        )
+        self.upstream_requests = Counter(
+            "concur_upstream_requests",
+            "Upstream requests by HTTP status (or error, timeout, cancelled)",
+            ["code"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "concur_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        for outcome in ADMISSION_OUTCOMES:
+            self.admissions.labels(outcome)
+        for event in AGENT_EVENTS:
+            self.agent_events.labels(event)
+        for direction in ("up", "down"):
+            self.window_changes.labels(direction)
+
+    # ---------------------------------------------------------------- events
+
+    def on_gate_event(self, event: GateEvent) -> None:
+        if event.kind in ADMISSION_OUTCOMES:
+            self.admissions.labels(event.kind).inc()
+            if event.kind == "admitted" and event.waited is not None:
+                self.queue_wait.observe(max(0.0, event.waited))
+        elif event.kind in AGENT_EVENTS:
+            self.agent_events.labels(event.kind).inc()
+
+    def on_admission(self, outcome: str) -> None:
+        """An outcome the gate does not emit itself (``closed``, ``bypassed``)."""
+        self.admissions.labels(outcome).inc()
+
+    def on_tick(self, record: TickRecord) -> None:
+        direction = window_direction(record.window_before, record.decision.window)
+        if direction is not None:
+            self.window_changes.labels(direction).inc()
+
+    def on_upstream(self, code: str, latency: float | None) -> None:
+        self.upstream_requests.labels(code).inc()
+        if latency is not None:
+            self.upstream_latency.observe(latency)
+
+    # ----------------------------------------------------------------- scrape
+
+    def update(self, values: GaugeValues) -> None:
+        self.window.set(math.inf if values.window is None else values.window)
+        self.agents_active.set(values.active)
+        self.agents_live.set(values.live)
+        self.agents_paused.set(values.paused)
+        self.agents_queued.set(values.queued)
+        self.pressure.set(_num(values.pressure))
+        self.engine_kv_usage.set(_num(values.kv_usage))
+        self.engine_hit_rate.set(_num(values.hit_rate))
+        self.signal_age.set(_num(values.signal_age))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type (without ``_created`` series)."""
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+class _WithoutCreated:
+    """A view of a registry that drops the ``*_created`` timestamps (as vLLM does).
+
+    prometheus-client can only disable them process-wide; this keeps that global alone.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self._registry.collect():
+            out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            out.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            if out.samples or metric.type not in ("counter", "histogram", "gauge"):
+                yield out
+
+
+def window_direction(before: int | None, after: int | None) -> str | None:
+    """``up``, ``down`` or ``None`` (no change); ``None`` as a window means unlimited."""
+    if before == after:
+        return None
+    if after is None:
+        return "up"
+    if before is None:
+        return "down"
+    return "up" if after > before else "down"

@@ -1,0 +1,501 @@
+"""The request path: admission, forwarding to the one upstream, and streaming relay.
+
+Every request that is not one of concur's own endpoints lands in
+:meth:`Proxy.handle` and goes to the configured upstream with its method, path,
+query, body and end-to-end headers. Only *agent steps* are gated:
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` and ``POST /v1/responses``
+  (:data:`GATED_PATHS`, a trailing slash ignored) pass the admission gate;
+* everything else (``GET /v1/models``, ``/tokenize``, embeddings, health checks, ...)
+  is forwarded straight through, never queued.
+
+Responses are relayed chunk by chunk as they arrive (``web.StreamResponse``),
+never buffered. When the proxy injected ``stream_options.include_usage`` into a
+streaming request, the usage-only chunk this adds is dropped from the relayed
+stream (see :class:`concur.usage.SSEUsage`). A client that goes away cancels the
+handler; the upstream response is then closed at once and the permit released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from concur import logs
+from concur.admission import (
+    AdmissionError,
+    AdmissionGate,
+    AgentEnded,
+    GateClosed,
+    QueueFull,
+    QueueTimeout,
+    Ticket,
+)
+from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
+from concur.metrics import ConcurMetrics
+from concur.usage import SSEUsage, estimate_prompt_tokens, inject_include_usage, usage_from_json
+
+log = logging.getLogger("concur.proxy")
+
+GATED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+"""POST paths that are agent steps and go through admission."""
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers the proxy recomputes (or that only make sense on the client's hop).
+_REQUEST_DROP = frozenset({"host", "content-length", "expect"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_MAX_USAGE_BODY = 4 << 20
+REQUEST_ID_HEADER = "X-Concur-Request-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    """What the proxy needs from the configuration."""
+
+    upstream: str
+    connect_timeout: float | None = 5.0
+    first_byte_timeout: float | None = 600.0
+    """Seconds until the upstream's response headers (a non-streaming generation's whole run)."""
+    read_timeout: float | None = 300.0
+    """Seconds of upstream silence allowed between two body chunks."""
+    max_body_bytes: int = 32 << 20
+    identity: tuple[str, ...] = DEFAULT_SOURCES
+    max_identity_bytes: int = 256
+    anonymous: Literal["gate", "bypass"] = "gate"
+    done_header: str = "X-Concur-Agent-Done"
+    gated_paths: frozenset[str] = field(default=GATED_PATHS)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    code: str,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """A JSON error in OpenAI's shape, which OpenAI clients surface verbatim."""
+    body = {"error": {"message": message, "type": type_, "code": code, "param": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def hop_by_hop(headers: Mapping[str, str]) -> set[str]:
+    """Lower-case names not to forward: the fixed list plus those named in Connection."""
+    names = set(HOP_BY_HOP)
+    getall = getattr(headers, "getall", None)
+    values = getall("Connection", []) if getall else [headers.get("Connection", "")]
+    for value in values:
+        names.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return names
+
+
+def _is_json(content_type: str) -> bool:
+    ct = content_type.lower()
+    return ct == "application/json" or (ct.startswith("application/") and ct.endswith("+json"))
+
+
+def make_session(options: ProxyOptions) -> aiohttp.ClientSession:
+    """The one upstream client: pooled keep-alive connections, no cookies, no decoding.
+
+    ``auto_decompress=False`` relays compressed bodies byte for byte with their
+    ``Content-Encoding``; a dummy cookie jar keeps one agent's cookies from leaking
+    to another through the shared session; ``trust_env=False`` ignores proxy
+    environment variables, so the upstream is only ever the configured one.
+    """
+    # Idle upstream connections are dropped after 4 s, before uvicorn's (vLLM's) 5 s
+    # keep-alive expires, so a POST is never sent on a connection the engine is closing.
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=4.0, ttl_dns_cache=300
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=options.connect_timeout, sock_connect=options.connect_timeout
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    )
+
+
+@dataclass(slots=True)
+class _Step:
+    """The gate-relevant facts of one request."""
+
+    agent_id: str | None = None
+    anonymous: bool = False
+    done: bool = False
+    context_tokens: int = 0
+    strip_usage: bool = False
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Proxy:
+    """Forwards requests to the upstream, through the admission gate when they are agent steps."""
+
+    def __init__(
+        self,
+        options: ProxyOptions,
+        gate: AdmissionGate,
+        metrics: ConcurMetrics,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.options = options
+        self.gate = gate
+        self.metrics = metrics
+        self.session = session
+        self.identity = IdentityExtractor(options.identity, options.max_identity_bytes)
+        up = URL(options.upstream)
+        if up.scheme not in ("http", "https") or not up.host:
+            raise ValueError(f"upstream URL {options.upstream!r} must be http(s)://host[:port]")
+        self._origin = str(up.origin())
+        self._base = up.raw_path.rstrip("/")
+        # Credentials in the upstream URL are sent unless the client sent its own.
+        self._auth: str | None = None
+        if up.user:
+            pair = f"{up.user}:{up.password or ''}".encode()
+            self._auth = "Basic " + base64.b64encode(pair).decode("ascii")
+        self.in_flight = 0
+
+    # --------------------------------------------------------------- entry
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = uuid.uuid4().hex
+        self.in_flight += 1
+        try:
+            return await self._handle(request, rid)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request, rid: str) -> web.StreamResponse:
+        try:
+            body = await self._read_body(request)
+        except _BodyTooLarge:
+            logs.event(log, "request_rejected", request_id=rid, status=413, reason="body_too_large")
+            resp = openai_error(
+                413,
+                f"request body is larger than {self.options.max_body_bytes} bytes "
+                "(server.max_body_bytes)",
+                type_="invalid_request_error",
+                code="request_too_large",
+            )
+            resp.force_close()
+            return resp
+
+        path = request.rel_url.path
+        gated = request.method == "POST" and path.rstrip("/") in self.options.gated_paths
+        if not gated:
+            return await self._forward(request, rid, body, None, _Step())
+        try:
+            step, body = self._inspect(request, path.rstrip("/"), body, rid)
+        except IdentityError as exc:
+            logs.event(log, "request_rejected", request_id=rid, status=400, reason="identity")
+            return openai_error(
+                400, str(exc), type_="invalid_request_error", code="invalid_agent_identity"
+            )
+        if step.agent_id is None:
+            self.metrics.on_admission("bypassed")
+            return await self._forward(request, rid, body, None, step)
+        try:
+            async with self.gate.permit(
+                step.agent_id, context_tokens=step.context_tokens, done=step.done
+            ) as ticket:
+                return await self._forward(request, rid, body, ticket, step)
+        except AdmissionError as exc:
+            return self._refuse(exc, step, rid)
+
+    # ------------------------------------------------------------ admission
+
+    def _inspect(
+        self, request: web.Request, path: str, body: bytes, rid: str
+    ) -> tuple[_Step, bytes]:
+        parsed: dict[str, Any] | None = None
+        # Parse only a JSON body, and only when an identity source reads it or the
+        # request may stream (stream_options injection); else estimate from its size.
+        wanted = self.identity.needs_body or b'"stream"' in body
+        if body and wanted and _is_json(request.content_type):
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                obj = None  # the engine will say what is wrong with it
+            if isinstance(obj, dict):
+                parsed = obj
+        step = _Step()
+        found = self.identity.extract(request.headers, parsed)
+        if found is not None:
+            step.agent_id = found[0]
+        elif self.options.anonymous == "gate":
+            step.agent_id = f"anon-{rid}"
+            step.anonymous = True
+        step.done = step.anonymous or (
+            request.headers.get(self.options.done_header, "").strip().lower() in _TRUE
+        )
+        if parsed is not None:
+            step.context_tokens = estimate_prompt_tokens(parsed)
+            if step.agent_id is not None and inject_include_usage(path, parsed):
+                step.strip_usage = True
+                body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+        else:
+            step.context_tokens = len(body) // 4
+        return step, body
+
+    def _refuse(self, exc: AdmissionError, step: _Step, rid: str) -> web.Response:
+        fields: dict[str, Any] = {"request_id": rid, "agent": step.agent_id, "reason": exc.reason}
+        if isinstance(exc, QueueFull | QueueTimeout):
+            retry = max(1, math.ceil(exc.retry_after or 1.0))
+            logs.event(log, "request_rejected", status=429, **fields)
+            return openai_error(
+                429,
+                str(exc),
+                type_="rate_limit_error",
+                code=exc.reason,
+                headers={"Retry-After": str(retry)},
+            )
+        if isinstance(exc, GateClosed):
+            self.metrics.on_admission("closed")
+            logs.event(log, "request_rejected", status=503, **fields)
+            return openai_error(
+                503, str(exc), type_="server_error", code=exc.reason, headers={"Retry-After": "1"}
+            )
+        if isinstance(exc, AgentEnded):
+            logs.event(log, "request_rejected", status=409, **fields)
+            return openai_error(409, str(exc), type_="invalid_request_error", code=exc.reason)
+        logs.event(log, "request_rejected", status=503, **fields)
+        return openai_error(503, str(exc), type_="server_error", code=exc.reason)
+
+    # --------------------------------------------------------------- upstream
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.options.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _BodyTooLarge
+        if not request.body_exists:
+            return b""
+        buf = bytearray()
+        async for chunk in request.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                raise _BodyTooLarge
+        return bytes(buf)
+
+    def target_url(self, request: web.Request) -> URL:
+        """The upstream URL for ``request``: configured origin + base path + the raw path.
+
+        Only the path and query come from the client (an absolute-form request
+        target's host is ignored), so no request can point the proxy elsewhere.
+        """
+        rel = request.rel_url
+        path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
+        query = rel.raw_query_string
+        return URL(self._origin + self._base + path + ("?" + query if query else ""), encoded=True)
+
+    def upstream_headers(self, request: web.Request, step: _Step) -> CIMultiDict[str]:
+        drop = hop_by_hop(request.headers) | _REQUEST_DROP
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            low = name.lower()
+            if low in drop or low.startswith("proxy-") or low == "x-forwarded-for":
+                continue
+            out.add(name, value)
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+        remote = request.remote or "unknown"
+        out["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+        if self._auth is not None and "Authorization" not in out:
+            out["Authorization"] = self._auth
+        if step.strip_usage:
+            # The usage chunk must be found (and dropped) in plain text.
+            out["Accept-Encoding"] = "identity"
+        return out
+
+    async def _forward(
+        self,
+        request: web.Request,
+        rid: str,
+        body: bytes,
+        ticket: Ticket | None,
+        step: _Step,
+    ) -> web.StreamResponse:
+        opts = self.options
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(opts.first_byte_timeout):
+                up = await self.session.request(
+                    request.method,
+                    self.target_url(request),
+                    headers=self.upstream_headers(request, step),
+                    data=body if body or request.body_exists else None,
+                    allow_redirects=False,
+                )
+        except TimeoutError:
+            return self._upstream_failed(rid, step, 504, "timeout", started)
+        except aiohttp.ClientError as exc:
+            return self._upstream_failed(rid, step, 502, "error", started, exc)
+        except asyncio.CancelledError:
+            self.metrics.on_upstream("cancelled", None)
+            raise
+        self.metrics.on_upstream(str(up.status), loop.time() - started)
+        complete = False
+        try:
+            resp, complete = await self._relay(request, rid, up, ticket, step)
+            return resp
+        finally:
+            if complete:
+                up.release()
+            else:
+                up.close()  # drop the connection: the upstream sees the abort at once
+
+    def _upstream_failed(
+        self,
+        rid: str,
+        step: _Step,
+        status: int,
+        code: str,
+        started: float,
+        exc: BaseException | None = None,
+    ) -> web.Response:
+        self.metrics.on_upstream(code, None)
+        waited = asyncio.get_running_loop().time() - started
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+        logs.event(
+            log,
+            "upstream_failed",
+            logging.WARNING,
+            request_id=rid,
+            agent=step.agent_id,
+            status=status,
+            after=round(waited, 3),
+            error=detail or code,
+        )
+        if status == 504:
+            message = (
+                f"the upstream engine did not answer within {self.options.first_byte_timeout}s "
+                "(upstream.first_byte_timeout)"
+            )
+            return openai_error(504, message, type_="upstream_error", code="upstream_timeout")
+        message = f"the upstream engine is unreachable or failed ({detail or code}); retry later"
+        return openai_error(502, message, type_="upstream_error", code="upstream_unavailable")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        rid: str,
+        up: aiohttp.ClientResponse,
+        ticket: Ticket | None,
+        step: _Step,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Relay the upstream response; returns it and whether the upstream body was read whole."""
+        content_type = up.headers.get("Content-Type", "").lower()
+        sse = content_type.startswith("text/event-stream")
+        accounting = ticket is not None and 200 <= up.status < 300
+        encoded = up.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
+        tracker: SSEUsage | None = None
+        json_buf: bytearray | None = None
+        if accounting and not encoded:
+            if sse:
+                tracker = SSEUsage(strip_usage_chunk=step.strip_usage)
+            elif "json" in content_type:
+                json_buf = bytearray()
+
+        drop = hop_by_hop(up.headers)
+        if tracker is not None and tracker.strip:
+            drop.add("content-length")
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in up.headers.items():
+            low = name.lower()
+            if low not in drop and not low.startswith("proxy-"):
+                headers.add(name, value)
+        headers[REQUEST_ID_HEADER] = rid
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        read_timeout = self.options.read_timeout
+        failure: BaseException | None = None
+        try:
+            await resp.prepare(request)
+            while True:
+                try:
+                    async with asyncio.timeout(read_timeout):
+                        chunk = await up.content.readany()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    failure = exc
+                    break
+                if not chunk:
+                    break
+                if json_buf is not None:
+                    json_buf += chunk
+                    if len(json_buf) > _MAX_USAGE_BODY:
+                        json_buf = None
+                out = tracker.feed(chunk) if tracker is not None else chunk
+                if out:
+                    await resp.write(out)
+            if failure is None:
+                if tracker is not None:
+                    rest = tracker.flush()
+                    if rest:
+                        await resp.write(rest)
+                await resp.write_eof()
+        except ConnectionResetError:
+            # The client went away (without handler cancellation): nothing left to do.
+            logs.event(log, "client_gone", logging.DEBUG, request_id=rid, agent=step.agent_id)
+            return resp, False
+        if failure is not None:
+            # Headers are out: the only honest signal left is a truncated response.
+            logs.event(
+                log,
+                "upstream_aborted",
+                logging.WARNING,
+                request_id=rid,
+                agent=step.agent_id,
+                error=f"{type(failure).__name__}: {failure}".rstrip(": "),
+            )
+            if request.transport is not None:
+                request.transport.close()
+            return resp, False
+        if ticket is not None:
+            tokens = tracker.tokens if tracker is not None else None
+            if json_buf is not None:
+                tokens = usage_from_json(bytes(json_buf))
+            if tokens is not None:
+                ticket.usage_tokens = tokens
+        logs.event(
+            log,
+            "request",
+            logging.DEBUG,
+            request_id=rid,
+            agent=step.agent_id,
+            method=request.method,
+            path=request.rel_url.path,
+            status=up.status,
+            usage=ticket.usage_tokens if ticket is not None else None,
+        )
+        return resp, True

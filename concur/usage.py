@@ -1,0 +1,221 @@
+"""Token accounting on the request path: estimates, usage extraction, ``stream_options``.
+
+concur needs each agent's context size (prompt + completion tokens) for its
+working-set pressure. Before a request runs it estimates the prompt from the
+body (about four characters per token). After the response it reads the
+engine's own ``usage``: from the JSON body, or from a streamed response's
+final usage chunk. A streaming chat or completion request that did not ask for
+usage gets ``stream_options.include_usage = true`` injected, and the usage-only
+chunk that this produces is stripped from the relayed stream, so the client
+sees exactly the events it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+CHARS_PER_TOKEN = 4
+STREAM_OPTIONS_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""Paths whose streaming requests accept ``stream_options`` (the Responses API always
+reports usage in its ``response.completed`` event)."""
+
+
+# ------------------------------------------------------------------ estimates
+
+
+def _text_chars(value: object) -> int:
+    """Characters of text in a message content / prompt / input value, recursively."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return len(value) * CHARS_PER_TOKEN  # a pre-tokenized prompt: one token each
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, Mapping):
+        total = 0
+        for key in ("text", "content", "input", "output", "arguments", "refusal"):
+            if key in value:
+                total += _text_chars(value[key])
+        calls = value.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, Mapping) else None
+                if isinstance(fn, Mapping):
+                    total += _text_chars(fn.get("arguments")) + _text_chars(fn.get("name"))
+        return total
+    return 0
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """A rough prompt size in tokens: characters / 4 of messages, prompt or input."""
+    chars = 0
+    for key in ("messages", "prompt", "input", "instructions"):
+        if key in body:
+            chars += _text_chars(body[key])
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        chars += len(json.dumps(tools, separators=(",", ":"), default=str))
+    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+# -------------------------------------------------------------------- usage
+
+
+def usage_tokens(usage: object) -> int | None:
+    """prompt + completion tokens from an OpenAI ``usage`` object (or the Responses API's
+    input + output tokens); ``None`` when it carries neither."""
+    if not isinstance(usage, Mapping):
+        return None
+    for a, b in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
+        pa, pb = usage.get(a), usage.get(b)
+        if isinstance(pa, int) and not isinstance(pa, bool):
+            return pa + (pb if isinstance(pb, int) and not isinstance(pb, bool) else 0)
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return total
+    return None
+
+
+def usage_from_object(obj: object) -> int | None:
+    """Usage tokens of a response object or stream event (chat, completion, Responses)."""
+    if not isinstance(obj, Mapping):
+        return None
+    found = usage_tokens(obj.get("usage"))
+    if found is None:
+        inner = obj.get("response")  # Responses API: response.completed event
+        if isinstance(inner, Mapping):
+            found = usage_tokens(inner.get("usage"))
+    return found
+
+
+def usage_from_json(body: bytes) -> int | None:
+    """Usage tokens of a non-streaming JSON response body, if it has any."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    return usage_from_object(obj)
+
+
+# ------------------------------------------------------------ stream_options
+
+
+def wants_stream(body: Mapping[str, Any]) -> bool:
+    return body.get("stream") is True
+
+
+def inject_include_usage(path: str, body: dict[str, Any]) -> bool:
+    """Ask for usage in a streaming chat/completions request that did not.
+
+    Mutates ``body`` and returns True when it injected (so the proxy strips the
+    usage-only chunk); False when the client already asked, the request does not
+    stream, or the path takes no ``stream_options``.
+    """
+    if path not in STREAM_OPTIONS_PATHS or not wants_stream(body):
+        return False
+    opts = body.get("stream_options")
+    if opts is None:
+        opts = {}
+    elif not isinstance(opts, dict):
+        return False  # malformed: leave it for the engine to reject
+    if opts.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**opts, "include_usage": True}
+    return True
+
+
+# --------------------------------------------------------------------- SSE
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` payload of one raw SSE event."""
+    parts: list[bytes] = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+class SSEUsage:
+    """Watches a server-sent event stream for usage, optionally stripping the usage chunk.
+
+    :meth:`feed` takes raw upstream chunks and returns the bytes to relay now.
+    Without stripping, every chunk is relayed unchanged and at once; events are
+    only parsed on the side for usage. With ``strip_usage_chunk``, complete events
+    are relayed as soon as their terminating blank line arrives, and an event
+    whose JSON has ``"choices": []`` and a ``usage`` object (the chunk an injected
+    ``include_usage`` adds) is dropped. :meth:`flush` returns what is left at the end.
+    """
+
+    def __init__(self, *, strip_usage_chunk: bool = False, max_event_bytes: int = 1 << 20) -> None:
+        self.strip = strip_usage_chunk
+        self.tokens: int | None = None
+        self.stripped = 0
+        self._buf = bytearray()
+        self._max = max_event_bytes
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        if self._overflow:
+            return chunk
+        self._buf += chunk
+        out = bytearray()
+        while True:
+            end = self._event_end()
+            if end is None:
+                break
+            event = bytes(self._buf[:end])
+            del self._buf[:end]
+            if self._inspect(event) and self.strip:
+                self.stripped += 1
+                continue
+            if self.strip:
+                out += event
+        if len(self._buf) > self._max:
+            # A pathological event: stop inspecting rather than buffer without bound.
+            self._overflow = True
+            if self.strip:
+                out += self._buf
+            self._buf.clear()
+        return chunk if not self.strip else bytes(out)
+
+    def flush(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest and not self._overflow:
+            self._inspect(rest)
+        return rest if self.strip else b""
+
+    def _event_end(self) -> int | None:
+        """Index just past the first complete event (its blank line) in the buffer."""
+        buf = self._buf
+        best: int | None = None
+        for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+            i = buf.find(sep)
+            if i >= 0 and (best is None or i + len(sep) < best):
+                best = i + len(sep)
+        return best
+
+    def _inspect(self, event: bytes) -> bool:
+        """Record usage in ``event``; True if it is a usage-only chunk."""
+        if b"usage" not in event:
+            return False
+        data = _event_data(event)
+        if data is None or data == b"[DONE]":
+            return False
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return False
+        tokens = usage_from_object(obj)
+        if tokens is None:
+            return False
+        self.tokens = tokens
+        return isinstance(obj, Mapping) and obj.get("choices") == []

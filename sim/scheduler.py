@@ -1,0 +1,533 @@
+"""vLLM V1's scheduling loop over the simulated block pool.
+
+Follows ``Scheduler.schedule`` in ``vllm/v1/core/sched/scheduler.py`` (vLLM 0.32,
+FCFS policy, chunked prefill on, no speculative decoding, no KV connector,
+``long_prefill_token_threshold`` 0):
+
+1. Running requests first, in admission order, while the token budget
+   (``max_num_batched_tokens``) lasts: each gets ``min(tokens it still lacks,
+   budget)`` tokens (1 for a decoding request, the next chunk for a prefilling
+   one). If its new blocks do not fit, the *last* running request (the most
+   recently admitted) is preempted, repeatedly, until they fit; if it has to
+   preempt itself, the running pass stops.
+2. Only if nothing was preempted in this step: waiting requests in FIFO order,
+   while the budget lasts and fewer than ``max_num_seqs`` run. A request's
+   prefix-cache hit is looked up (full blocks only, never its last token:
+   ``max_cache_hit_length = num_tokens - 1``); with ``reserve_full_isl`` (vLLM's
+   ``scheduler_reserve_full_isl``, default True) it is admitted only if blocks for
+   its *whole* current sequence fit, counting hit blocks that sit in the free queue
+   as needed. The first request that does not fit stops the pass (no skipping).
+3. Preemption is by recompute: the victim's blocks are freed (tail first), its
+   computed tokens reset to 0, and it goes to the *front* of the waiting queue
+   with its outputs so far kept as part of its sequence.
+
+Blocks for the tokens a step computes are hashed and cached when the step is
+scheduled (``allocate_slots`` -> ``cache_blocks``), as in vLLM.
+
+Prefix-cache counters follow vLLM's ``PrefixCacheStats``: recorded when a
+request is admitted, in tokens (queries = its sequence length, hits = cached
+tokens), and only for first admissions; re-admissions after preemption are not
+exported by vLLM's ``/metrics`` and are not counted here either.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from concur.sim.blocks import BlockPool, TokenSeq, output_key
+
+__all__ = [
+    "EngineRequest",
+    "FinishedRequest",
+    "RequestState",
+    "RequestStatus",
+    "ScheduleBatch",
+    "Scheduler",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A request to the engine.
+
+    ``prompt`` is copied on :meth:`Scheduler.add_request`; the caller may keep
+    extending its own object. The engine appends the request's outputs to its
+    copy as ``VirtualSegment(output_key(request_id), n)`` (see
+    :func:`concur.sim.blocks.output_segment`), so request ids must be unique
+    within a run.
+
+    ``known_prefix_tokens`` is how many leading prompt tokens the caller (the
+    agent) already had computed by earlier requests; computing any of them again
+    counts as *recomputed*. Pass the previous request's
+    :attr:`FinishedRequest.kv_tokens`.
+    """
+
+    request_id: str
+    prompt: TokenSeq
+    max_tokens: int
+    known_prefix_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """What the engine reports about a request that produced ``max_tokens``."""
+
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    """Prefix-cache hit (tokens) at its first admission, as vLLM reports in usage."""
+    prefill_tokens: int
+    """Prompt tokens (and, after preemption, output tokens) computed in total."""
+    recomputed_tokens: int
+    """Tokens computed that had been computed before: within ``known_prefix_tokens``
+    or re-prefilled after a preemption."""
+    preemptions: int
+    arrival_time: float
+    first_scheduled_time: float
+    first_token_time: float
+    """End of the step that produced the first output token."""
+    first_token_step: int
+    """Index (engine step counter) of that step."""
+    finish_time: float
+    kv_tokens: int
+    """Tokens whose KV was computed: prompt + output - 1 (the last output token is
+    sampled, never fed back). Pass it as the next request's ``known_prefix_tokens``."""
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float:
+        return self.finish_time - self.arrival_time
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class RequestState:
+    """The engine's mutable view of one request (internal; read-only for callers)."""
+
+    __slots__ = (
+        "arrival_time",
+        "blocks",
+        "cached_tokens_first",
+        "first_scheduled_time",
+        "first_token_step",
+        "first_token_time",
+        "high_water",
+        "known_prefix",
+        "max_tokens",
+        "num_cached_blocks",
+        "num_computed",
+        "num_output",
+        "num_prompt",
+        "out_key",
+        "preemptions",
+        "prefill_tokens",
+        "recomputed_tokens",
+        "request_id",
+        "seq",
+        "status",
+    )
+
+    def __init__(self, req: EngineRequest, seq: TokenSeq, now: float) -> None:
+        self.request_id = req.request_id
+        self.seq = seq  # prompt + outputs; outputs appended lazily (Scheduler._seq)
+        self.out_key = output_key(req.request_id)
+        self.num_prompt = len(seq)
+        self.max_tokens = req.max_tokens
+        self.known_prefix = req.known_prefix_tokens
+        self.num_output = 0
+        self.num_computed = 0
+        self.high_water = 0  # most tokens ever computed, as of the last preemption
+        self.blocks: list[int] = []
+        self.num_cached_blocks = 0
+        self.status = RequestStatus.WAITING
+        self.arrival_time = now
+        self.preemptions = 0
+        self.cached_tokens_first = -1
+        self.prefill_tokens = 0
+        self.recomputed_tokens = 0
+        self.first_scheduled_time = -1.0
+        self.first_token_time = -1.0
+        self.first_token_step = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt + self.num_output
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestState({self.request_id!r}, {self.status.value}, prompt={self.num_prompt}, "
+            f"out={self.num_output}/{self.max_tokens}, computed={self.num_computed}, "
+            f"blocks={len(self.blocks)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleBatch:
+    """One step's schedule: ``requests[i]`` computes ``num_tokens[i]`` tokens."""
+
+    requests: tuple[RequestState, ...]
+    num_tokens: tuple[int, ...]
+    scheduled_tokens: int
+    prefill_tokens: int
+    decode_tokens: int
+    context_tokens: int
+    """Sum over scheduled requests of the tokens they attend over (KV read)."""
+    recomputed_tokens: int
+    preempted: tuple[str, ...]
+    admitted: tuple[str, ...]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    """Waiting queue, running list and block pool of one simulated engine."""
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        reserve_full_isl: bool = True,
+        watermark: float = 0.0,
+        enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.reserve_full_isl = reserve_full_isl
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_model_len = max_model_len
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.requests: dict[str, RequestState] = {}
+        # (head request, pool epoch, blocks it required) of the last admission
+        # check that failed on the full-sequence reservation.
+        self._blocked: tuple[RequestState, int, int] | None = None
+        self._memoise_blocked = True  # tests switch it off to check it is exact
+        # Counters.
+        self.preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.cached_tokens = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.recomputed_tokens = 0
+        self.output_tokens = 0
+
+    # -- requests ------------------------------------------------------------
+
+    def add_request(self, req: EngineRequest, now: float) -> RequestState:
+        rid = req.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in the engine")
+        if req.prompt.block_size != self.block_size:
+            raise ValueError(
+                f"request {rid!r}: prompt block_size {req.prompt.block_size} != engine "
+                f"block_size {self.block_size}"
+            )
+        n = len(req.prompt)
+        if n < 1:
+            raise ValueError(f"request {rid!r}: empty prompt")
+        if req.max_tokens < 1:
+            raise ValueError(f"request {rid!r}: max_tokens must be >= 1, got {req.max_tokens}")
+        if req.known_prefix_tokens < 0:
+            raise ValueError(f"request {rid!r}: known_prefix_tokens must be >= 0")
+        if self.max_model_len is not None and n + req.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt {n} + max_tokens {req.max_tokens} exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+        need = _cdiv(n + req.max_tokens - 1, self.block_size)
+        usable = self.pool.num_usable_blocks
+        if need > usable:
+            raise ValueError(
+                f"request {rid!r}: prompt {n} + max_tokens {req.max_tokens} tokens need "
+                f"{need} KV blocks but the engine has {usable}; give the engine more KV "
+                f"capacity or send shorter requests"
+            )
+        # Hash the caller's prompt in place before copying it: hashes depend on
+        # content only, so the caller's object keeps them and a context that is
+        # extended step after step is hashed once overall.
+        if self.enable_prefix_caching:
+            req.prompt.block_hashes()
+        state = RequestState(req, req.prompt.copy(), now)
+        self.requests[rid] = state
+        self.waiting.append(state)
+        return state
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a live request, freeing its blocks. False if unknown/finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        if state.status is RequestStatus.RUNNING:
+            self.running.remove(state)
+        else:
+            self.waiting.remove(state)
+        self._free(state)
+        state.status = RequestStatus.ABORTED
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _free(self, state: RequestState) -> None:
+        nc = state.num_cached_blocks
+        hashes = state.seq.hashes_upto(nc) if nc else ()
+        self.pool.free_request(state.blocks, hashes, nc)
+        state.blocks = []
+        state.num_cached_blocks = 0
+
+    def _preempt(self, state: RequestState) -> None:
+        # Caller has removed ``state`` from ``running``.
+        if state.num_computed > state.high_water:
+            state.high_water = state.num_computed
+        self._free(state)
+        state.num_computed = 0
+        state.preemptions += 1
+        state.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(state)
+        self.preemptions += 1
+
+    # -- one step ------------------------------------------------------------
+
+    @staticmethod
+    def _seq(r: RequestState, num_tokens: int) -> TokenSeq:
+        """``r``'s sequence brought up to date: outputs are appended lazily, when
+        their blocks need hashing, not one token at a time."""
+        seq = r.seq
+        lag = num_tokens - len(seq)
+        if lag:
+            seq.grow(r.out_key, lag)
+        return seq
+
+    @staticmethod
+    def _account_prefill(r: RequestState, start: int, end: int) -> int:
+        """Book a prefill chunk [start, end) on ``r``; returns how many of its
+        tokens are recomputed (below the agent's known prefix or below the
+        highest position this request had computed before)."""
+        hw = r.high_water
+        limit = r.known_prefix if r.known_prefix > hw else hw
+        rec = 0
+        if limit > start:
+            rec = (end if end < limit else limit) - start
+            r.recomputed_tokens += rec
+        r.prefill_tokens += end - start
+        return rec
+
+    def schedule(self, now: float) -> ScheduleBatch:
+        """Choose this step's work, allocate and cache its blocks."""
+        bs = self.block_size
+        pool = self.pool
+        free_q = pool._free  # len() of it is the free-block count
+        caching = self.enable_prefix_caching
+        budget = self.max_num_batched_tokens
+        running = self.running
+        reqs: list[RequestState] = []
+        counts: list[int] = []
+        preempted: list[str] = []
+        admitted: list[str] = []
+        prefill = decode = context = recomputed = 0
+
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            comp = r.num_computed
+            ntok = r.num_prompt + r.num_output
+            n = ntok - comp
+            if n > budget:
+                n = budget
+            end = comp + n
+            need = (end + bs - 1) // bs - len(r.blocks)
+            if need > 0:
+                if need > len(free_q):
+                    victim: RequestState | None = None
+                    while need > len(free_q):
+                        victim = running.pop()
+                        self._preempt(victim)
+                        preempted.append(victim.request_id)
+                        if victim is r:
+                            break
+                    if victim is r:
+                        break
+                r.blocks.extend(pool.allocate(need))
+            if caching:
+                full = end // bs
+                if full > r.num_cached_blocks:
+                    nc = r.num_cached_blocks
+                    hashes = self._seq(r, ntok).hashes_upto(full)
+                    pool.cache_blocks(r.blocks[nc:full], hashes[nc:full])
+                    r.num_cached_blocks = full
+            reqs.append(r)
+            counts.append(n)
+            budget -= n
+            context += end
+            if n == 1 and r.num_output and end == ntok:
+                decode += 1
+            else:
+                prefill += n
+                recomputed += self._account_prefill(r, comp, end)
+            i += 1
+
+        if not preempted:
+            waiting = self.waiting
+            max_seqs = self.max_num_seqs
+            reserve_full = self.reserve_full_isl
+            while budget > 0 and waiting and len(running) < max_seqs:
+                r = waiting[0]
+                free = len(free_q) - (self.watermark_blocks if running else 0)
+                blocked = self._blocked
+                if (
+                    blocked is not None
+                    and blocked[0] is r
+                    and blocked[1] == pool.epoch
+                    and blocked[2] > free
+                ):
+                    # Still blocked: the full-sequence requirement can only have
+                    # grown since it was computed (see BlockPool.epoch).
+                    break
+                ntok = r.num_prompt + r.num_output
+                if caching:
+                    max_hit = (ntok - 1) // bs
+                    hashes = self._seq(r, ntok).hashes_upto(max_hit)
+                    hit = pool.lookup(hashes, max_hit)
+                else:
+                    hit = []
+                nhit = len(hit)
+                comp = nhit * bs
+                n = ntok - comp
+                if n > budget:
+                    n = budget
+                end = comp + n
+                evictable = pool.count_free(hit) if nhit else 0
+                if reserve_full:
+                    required = (ntok + bs - 1) // bs - nhit + evictable
+                    if required > free:
+                        if self._memoise_blocked:
+                            if caching:
+                                pool.watch(hashes[: min(nhit + 1, max_hit)])
+                            self._blocked = (r, pool.epoch, required)
+                        break
+                need = (end + bs - 1) // bs - nhit
+                if need + evictable > free:
+                    break
+                # Admit.
+                if blocked is not None:
+                    self._blocked = None
+                    pool.unwatch()
+                waiting.popleft()
+                if nhit:
+                    pool.touch(hit)
+                r.blocks = hit
+                if need > 0:
+                    hit.extend(pool.allocate(need))
+                r.num_cached_blocks = nhit
+                if caching:
+                    full = end // bs
+                    if full > nhit:
+                        pool.cache_blocks(hit[nhit:full], r.seq.hashes_upto(full)[nhit:full])
+                        r.num_cached_blocks = full
+                if r.preemptions == 0:
+                    self.prefix_queries += ntok
+                    self.prefix_hits += comp
+                    r.cached_tokens_first = comp
+                    r.first_scheduled_time = now
+                self.cached_tokens += comp
+                r.num_computed = comp
+                r.status = RequestStatus.RUNNING
+                running.append(r)
+                admitted.append(r.request_id)
+                reqs.append(r)
+                counts.append(n)
+                budget -= n
+                context += end
+                if n == 1 and r.num_output and end == ntok:
+                    decode += 1  # a resumed request whose sequence was all cached
+                else:
+                    prefill += n
+                    recomputed += self._account_prefill(r, comp, end)
+
+        scheduled = self.max_num_batched_tokens - budget
+        self.prefill_tokens += prefill
+        self.decode_tokens += decode
+        self.recomputed_tokens += recomputed
+        return ScheduleBatch(
+            requests=tuple(reqs),
+            num_tokens=tuple(counts),
+            scheduled_tokens=scheduled,
+            prefill_tokens=prefill,
+            decode_tokens=decode,
+            context_tokens=context,
+            recomputed_tokens=recomputed,
+            preempted=tuple(preempted),
+            admitted=tuple(admitted),
+        )
+
+    def update(
+        self, batch: ScheduleBatch, end_time: float, step_index: int
+    ) -> tuple[dict[str, int], list[FinishedRequest]]:
+        """Apply a step's results: advance computed tokens, sample one token for
+        every request whose sequence is now fully computed, finish requests
+        that reached ``max_tokens``. Returns (new tokens per request, finished)."""
+        outputs: dict[str, int] = {}
+        finished: list[FinishedRequest] = []
+        for r, n in zip(batch.requests, batch.num_tokens, strict=True):
+            end = r.num_computed + n
+            r.num_computed = end
+            if end == r.num_prompt + r.num_output:
+                r.num_output += 1
+                outputs[r.request_id] = 1
+                if r.first_token_step < 0:
+                    r.first_token_time = end_time
+                    r.first_token_step = step_index
+                if r.num_output >= r.max_tokens:
+                    finished.append(self._finish(r, end_time))
+        self.output_tokens += len(outputs)
+        if finished:
+            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        return outputs, finished
+
+    def _finish(self, r: RequestState, now: float) -> FinishedRequest:
+        r.status = RequestStatus.FINISHED
+        self._free(r)
+        del self.requests[r.request_id]
+        return FinishedRequest(
+            request_id=r.request_id,
+            prompt_tokens=r.num_prompt,
+            output_tokens=r.num_output,
+            cached_tokens=max(r.cached_tokens_first, 0),
+            prefill_tokens=r.prefill_tokens,
+            recomputed_tokens=r.recomputed_tokens,
+            preemptions=r.preemptions,
+            arrival_time=r.arrival_time,
+            first_scheduled_time=r.first_scheduled_time,
+            first_token_time=r.first_token_time,
+            first_token_step=r.first_token_step,
+            finish_time=now,
+            kv_tokens=r.num_prompt + r.num_output - 1,
+        )
