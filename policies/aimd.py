@@ -4,7 +4,11 @@ Congestion (pressure above ``high``, new preemptions, or a hit rate below
 ``hit_floor``) multiplies the window by ``beta``, at most once per
 ``decrease_cooldown`` so one sustained reading does not collapse it to
 ``min_window``. Headroom (pressure below ``low``) adds ``alpha``, but only while
-the window is in use, so an idle window does not grow without bound.
+the window is in use, so an idle window does not grow without bound. Because
+concur sees the working set, it need not probe blindly: with ``increase="fit"``
+(the default) headroom admits at once as many waiting agents as fit under
+``low`` with their current contexts (at least ``alpha``); step-boundary pausing
+corrects the overshoot when those contexts grow.
 
 Presets (``aimd:<name>``): ``kv`` (engine KV usage alone, admission only),
 ``admission`` (the default pressure, no pausing), ``projected`` (anticipated
@@ -16,7 +20,7 @@ engine KV usage only, low 0.2 / high 0.5, and a decrease only when usage is high
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -55,6 +59,9 @@ class AIMDParams(BaseModel):
     """Decrease only when pressure is high *and* the hit rate is below ``hit_floor`` (paper)."""
     pause: bool = True
     """Step-boundary pausing: hold the next request of the newest live agents beyond the window."""
+    increase: Literal["additive", "fit"] = "fit"
+    """On headroom, grow by ``alpha`` (``additive``), or by as many waiting agents as fit
+    under ``low`` with their contexts, at least ``alpha`` (``fit``)."""
 
     @field_validator("pressure", mode="before")
     @classmethod
@@ -83,12 +90,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Engine KV usage alone, admission only: the controller DESIGN section 4 measured
     # on vLLM's scheduler (decrease above 0.85, increase below 0.5).
-    "kv": {"pressure": ("kv",), "low": 0.5, "pause": False},
+    "kv": {"pressure": ("kv",), "low": 0.5, "pause": False, "increase": "additive"},
     # The default pressure without step-boundary pausing: what pausing buys.
     "admission": {"pause": False},
     # Anticipate growth instead of pausing.
     "projected": {"pressure": ("kv", "projected"), "pause": False},
     "paper": {
+        "increase": "additive",
         "pressure": ("kv",),
         "low": 0.2,
         "high": 0.5,
@@ -141,6 +149,7 @@ class AIMD:
         p = pressure_mod.combine(values, prm.pressure)
         congested, why = self._congested(p, obs)
         reason = "hold"
+        release = prm.alpha
         if congested:
             cooling = (
                 self._last_decrease is not None
@@ -154,8 +163,13 @@ class AIMD:
                 self.window = new
                 self._last_decrease = obs.now
         elif p is not None and p < prm.low and obs.in_use:
-            new = min(prm.max_window, self.window + prm.alpha)
+            step = prm.alpha
+            if prm.increase == "fit":
+                fits = pressure_mod.fitting_candidates(obs, prm.pressure, prm.low)
+                step = max(step, obs.live + fits - self.window)
+            new = min(prm.max_window, self.window + step)
             reason = "increase" if new > self.window else "at_max"
+            release = max(prm.alpha, new - self.window)
             self.window = new
         pause = prm.pause and p is not None and p > prm.high
         return Decision(
@@ -164,5 +178,5 @@ class AIMD:
             parts=values,
             reason=reason,
             pause=pause,
-            release_limit=prm.alpha,
+            release_limit=release,
         )

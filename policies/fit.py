@@ -74,13 +74,6 @@ class Fit:
                 target = obs.live - 1
             window = max(prm.min_window, target)
             return Decision(window=window, pressure=p, parts=values, reason="over", pause=prm.pause)
-        window = obs.live
-        extra = 0
-        for ctx in obs.candidate_contexts:
-            trial = pressure_mod.combine(pressure_mod.parts(obs, extra + ctx), prm.pressure)
-            if trial is None or trial > prm.low:
-                break
-            extra += ctx
-            window += 1
-        window = max(prm.min_window, window)
+        fits = pressure_mod.fitting_candidates(obs, prm.pressure, prm.low)
+        window = max(prm.min_window, obs.live + fits)
         return Decision(window=window, pressure=p, parts=values, reason="fit")

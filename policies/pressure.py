@@ -66,3 +66,21 @@ def combine(values: dict[str, float | None], sources: Iterable[str]) -> float | 
     """Maximum of the selected, known sources; ``None`` when all are unknown."""
     known = [v for s in sources if (v := values.get(s)) is not None]
     return max(known) if known else None
+
+
+def fitting_candidates(obs: Observation, sources: Iterable[str], limit: float) -> int:
+    """How many waiting agents, in release order, fit while pressure stays <= ``limit``.
+
+    Each candidate's context is added to the working-set sources; engine KV
+    usage cannot be projected, so it only has to be under ``limit`` already.
+    """
+    chosen = tuple(sources)
+    count = 0
+    extra = 0
+    for ctx in obs.candidate_contexts:
+        trial = combine(parts(obs, extra + ctx), chosen)
+        if trial is None or trial > limit:
+            break
+        extra += ctx
+        count += 1
+    return count

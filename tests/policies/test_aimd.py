@@ -182,3 +182,35 @@ def test_window_never_leaves_bounds(
         d = p.decide(obs(now, p.window, kv=kv, live=live, queued=queued, preempt=pre))
         assert d.window is not None
         assert min_w <= d.window <= max_w
+
+
+def test_fit_increase_admits_what_fits_at_once() -> None:
+    p = AIMD(AIMDParams(initial_window=4, low=0.7, high=0.85))
+    o = Observation(
+        now=0,
+        window=4,
+        live=4,
+        queued=6,
+        kv_usage=0.1,
+        capacity_tokens=CAP,
+        live_tokens=20_000,
+        candidate_contexts=(10_000,) * 6,
+    )
+    d = p.decide(o)
+    # 20k + 5 x 10k = 70k <= 0.7 x 100k; the sixth would not fit.
+    assert (d.window, d.reason, d.release_limit) == (9, "increase", 5)
+
+
+def test_additive_increase_probes_one_step_at_a_time() -> None:
+    p = AIMD(AIMDParams(initial_window=4, increase="additive"))
+    o = Observation(
+        now=0,
+        window=4,
+        live=4,
+        queued=6,
+        kv_usage=0.1,
+        capacity_tokens=CAP,
+        live_tokens=20_000,
+        candidate_contexts=(10_000,) * 6,
+    )
+    assert p.decide(o).window == 5
