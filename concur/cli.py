@@ -15,6 +15,9 @@ from collections.abc import Sequence
 COMMANDS = (
     "concur.serve_cli",
     "concur.sim.cli",
+    "concur.sim.server.cli",
+    "concur.sim.swarm.cli",
+    "concur.sim.demo.cli",
     "concur.config_cli",
 )
 
