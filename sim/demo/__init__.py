@@ -1,0 +1,1 @@
+"""``concur demo``: a simulated vLLM, an agent swarm, with and without concur."""

@@ -1,0 +1,268 @@
+"""``concur demo``: the whole story on one machine, no GPU needed.
+
+1. start ``concur engine`` (a simulated vLLM server) with a scenario that
+   thrashes without control, and run an agent swarm straight at it;
+2. start a fresh engine and ``concur serve --policy aimd`` in front of it, and
+   run the same swarm through concur;
+3. print a side-by-side table, write ``demo.json`` and ``demo.png`` (KV usage,
+   hit rate and the window over time), and say what to try next.
+
+Every child process is stopped on exit, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from concur.sim.demo.report import RunRecord
+    from concur.sim.demo.scenario import Scenario
+    from concur.sim.swarm.client import ProgressFn
+
+DEFAULT_OUT = Path("out/demo")
+
+
+def register(sub: Any) -> None:
+    """Add ``concur demo`` to the top-level subparsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "demo",
+        help="see concur work on this machine: a simulated vLLM and agents, without and with it",
+        description=(
+            "Start a simulated vLLM server (concur engine), run a swarm of coding agents "
+            "against it directly and then through concur serve --policy aimd, and compare "
+            "makespan, throughput, prefix-cache hit rate, preemptions and recomputed tokens. "
+            "Writes a table, demo.json and demo.png to --out. Takes about a minute."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller scenario (under 60 s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output dir ({DEFAULT_OUT})")
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help="time scale of the simulated engine (default: the scenario's, 10)",
+    )
+    p.add_argument("--policy", default="aimd", help="concur's policy for the second run")
+    p.add_argument(
+        "--sample-interval",
+        type=float,
+        default=0.5,
+        help="wall seconds between two readings of the engine and concur",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from concur.sim.demo.orchestrate import ChildFailed
+    from concur.sim.demo.scenario import DEFAULT, QUICK
+
+    scenario = QUICK if args.quick else DEFAULT
+    if args.speed is not None:
+        if not args.speed > 0:
+            print(f"concur demo: error: --speed must be > 0, got {args.speed}", file=sys.stderr)
+            return 2
+        scenario = dataclasses.replace(scenario, speed=args.speed)
+    try:
+        run_demo(scenario, args.out, policy=args.policy, sample_interval=args.sample_interval)
+    except ChildFailed as exc:
+        print(f"concur demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nconcur demo: interrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _progress_run(
+    label: str, total: int, coro_factory: Callable[[ProgressFn], Coroutine[Any, Any, RunRecord]]
+) -> RunRecord:
+    """Run ``coro_factory(progress)`` under a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        f"[bold]{label:<16}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "agents",
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        return asyncio.run(coro_factory(lambda done, _total: bar.update(task, completed=done)))
+
+
+def run_demo(
+    scenario: Scenario,
+    out: Path,
+    *,
+    policy: str = "aimd",
+    sample_interval: float = 0.5,
+) -> dict[str, Any]:
+    """Run both halves of the demo and write the report; returns ``demo.json``'s data."""
+    from concur.sim.demo.live import run_live
+    from concur.sim.demo.orchestrate import (
+        Supervisor,
+        free_port,
+        start_concur,
+        start_engine,
+    )
+    from concur.sim.demo.report import print_table, write_json, write_plot
+    from concur.sim.demo.scenario import live_settings, set_flags
+    from concur.sim.trace import dump_trace, summarize
+
+    started = time.monotonic()
+    trace = scenario.trace()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_trace(trace, out / "trace.jsonl")
+    speed = scenario.speed
+    info = summarize(trace)
+    engine_desc = scenario.engine_spec().describe()
+    print(f"concur demo ({scenario.name}): {scenario.description}")
+    print(
+        f"  trace: {info.agents} agents, {info.steps} steps, peak context "
+        f"{info.peak_context_tokens:,} tokens, {info.total_output_tokens:,} output tokens"
+    )
+    print(f"  engine: concur engine, {engine_desc}, {speed:g}x real time")
+    direct_label, controlled_label = "no control", f"concur ({policy})"
+    urls: dict[str, str] = {}
+    with Supervisor(out / "logs") as sup:
+        engine, engine_url = start_engine(sup, "engine-direct", scenario.engine_args(free_port()))
+        print(f"\n[1/2] agents straight to the engine at {engine_url}/v1 (no admission control)")
+        direct = _progress_run(
+            direct_label,
+            len(trace.agents),
+            lambda progress: run_live(
+                direct_label,
+                trace,
+                engine_url=engine_url,
+                speed=speed,
+                sample_interval=sample_interval,
+                progress=progress,
+            ),
+        )
+        sup.stop(engine)
+
+        engine, engine_url = start_engine(sup, "engine-concur", scenario.engine_args(free_port()))
+        _proxy, concur_url = start_concur(
+            sup,
+            "concur-serve",
+            engine_url,
+            policy=policy,
+            settings=set_flags(live_settings(speed)),
+        )
+        urls = {
+            "engine": engine_url,
+            "concur": concur_url,
+            "status": f"{concur_url}/concur/status",
+            "metrics": f"{concur_url}/metrics",
+        }
+        print(
+            f"[2/2] the same agents through concur serve --policy {policy} at {concur_url}/v1 "
+            f"(engine restarted, cold cache, at {engine_url})"
+        )
+        controlled = _progress_run(
+            controlled_label,
+            len(trace.agents),
+            lambda progress: run_live(
+                controlled_label,
+                trace,
+                engine_url=engine_url,
+                concur_url=concur_url,
+                speed=speed,
+                sample_interval=sample_interval,
+                progress=progress,
+            ),
+        )
+    wall = time.monotonic() - started
+    title = f"{info.agents} agents on {engine_desc}"
+    print()
+    print_table(direct, controlled, title)
+    meta = {
+        "scenario": scenario.describe(),
+        "trace": {"agents": info.agents, "steps": info.steps},
+        "engine": engine_desc,
+        "policy": policy,
+        "urls": urls,
+        "wall_s": round(wall, 1),
+    }
+    write_json(out / "demo.json", meta, [direct, controlled])
+    plotted = write_plot(out / "demo.png", direct, controlled, title)
+    _print_verdict(direct, controlled)
+    _print_next(out, scenario, urls, policy, wall, plotted)
+    return {"meta": meta, "direct": direct.figures(), "controlled": controlled.figures()}
+
+
+def _print_verdict(direct: RunRecord, controlled: RunRecord) -> None:
+    d, c = direct.figures(), controlled.figures()
+    if not (d["makespan_s"] and c["makespan_s"]):
+        return
+    gain = d["makespan_s"] / c["makespan_s"]
+    hits = (
+        f"; prefix-cache hit rate {100 * c['hit_rate']:.0f}% vs {100 * d['hit_rate']:.0f}%"
+        if c["hit_rate"] is not None and d["hit_rate"] is not None
+        else ""
+    )
+    if gain >= 1.0:
+        print(
+            f"concur finished the swarm {gain:.2f}x faster{hits}: it kept the agents that "
+            "fit in the KV cache running and queued the rest, so their prefixes stayed cached."
+        )
+    else:
+        print(f"concur was {1 / gain:.2f}x slower on this run{hits}.")
+
+
+def _print_next(
+    out: Path, scenario: Scenario, urls: dict[str, str], policy: str, wall: float, plotted: bool
+) -> None:
+    from concur.sim.demo.scenario import live_settings
+
+    spec = scenario.engine_spec()
+    engine_flags = (
+        f"--model {spec.model} --gpu {spec.gpu} --tp {spec.tp} --kv-tokens {scenario.kv_tokens}"
+    )
+    plot = (
+        f"{out}/demo.png (KV usage, hit rate, window over time)"
+        if plotted
+        else "no plot (matplotlib is missing: pip install 'concur[sim]')"
+    )
+    print(
+        f"\nwrote {out}/demo.json, {plot}, {out}/trace.jsonl and child logs in "
+        f"{out}/logs/  [{wall:.0f} s]"
+    )
+    if urls:
+        print(
+            f"during the run, concur's status was at {urls['status']} and its Prometheus "
+            f"metrics at {urls['metrics']} (the engine's at {urls['engine']}/metrics)"
+        )
+    print("\nwhat to try next:")
+    print(
+        f"  concur sim run --trace {out}/trace.jsonl {engine_flags}\n"
+        "      compare every policy offline in seconds (unlimited, static:N, aimd, fit, ...)"
+    )
+    speed = scenario.speed
+    scaled = live_settings(speed)
+    sets = " ".join(
+        f"--set {k}={scaled[k]:g}"
+        for k in ("control.interval", "engine.poll_interval", "policy.aimd.decrease_cooldown")
+    )
+    print(
+        f"  concur engine {engine_flags} --speed {speed:g} --port 8000\n"
+        f"  concur serve --upstream http://127.0.0.1:8000 --policy {policy} "
+        f"--listen 127.0.0.1:9000 {sets}\n"
+        f"  concur swarm --trace {out}/trace.jsonl --base-url http://127.0.0.1:9000/v1 "
+        f"--speed {speed:g}\n"
+        "      the same by hand (the --set flags run concur's control loop at the engine's "
+        "speed); watch curl http://127.0.0.1:9000/concur/status meanwhile"
+    )
+    print(
+        "  concur serve --upstream http://<your-vllm>:8000 --policy aimd\n"
+        "      in front of a real vLLM: point your agents' OpenAI base URL at concur"
+    )
