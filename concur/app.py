@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -536,15 +537,29 @@ def build_app(
     return app
 
 
+LISTEN_BACKLOG = 4096
+"""Connections the kernel completes before concur accepts them (capped by the kernel's
+``net.core.somaxconn``). aiohttp's default, 128, drops the SYNs of a burst of agents
+arriving together while the event loop is busy, and each dropped client waits for a
+TCP retransmit (1 s, then 3 s, ...) before it is even seen."""
+
+
 class Server:
     """Runs an application on host:port with handler cancellation and a bounded drain."""
 
     def __init__(
-        self, app: web.Application, host: str, port: int, *, drain_timeout: float = 30.0
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        drain_timeout: float = 30.0,
+        backlog: int = LISTEN_BACKLOG,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.backlog = backlog
         self.runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that disconnects cancels its request
@@ -554,7 +569,7 @@ class Server:
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port)
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=self.backlog)
         await site.start()
         addresses = self.runner.addresses
         if addresses:
@@ -571,8 +586,40 @@ class Server:
         await self.runner.cleanup()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only accepts local connections."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost, or a wildcard: assume reachable
+
+
+def warn_if_exposed(settings: Settings) -> bool:
+    """Log a warning when concur listens beyond loopback with no admin token; True if it did."""
+    srv = settings.server
+    if is_loopback(srv.host) or srv.admin_token is not None:
+        return False
+    logs.event(
+        log,
+        "exposed_without_admin_token",
+        logging.WARNING,
+        host=srv.host,
+        port=srv.port,
+        hint=(
+            "anyone who can reach this address can send requests to the engine and read "
+            "/concur/status and /concur/agents, and the admin endpoints stay disabled: set "
+            "server.admin_token (CONCUR_SERVER__ADMIN_TOKEN) and restrict the port with a "
+            "firewall or network policy, or listen on 127.0.0.1"
+        ),
+    )
+    return True
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; the exit code."""
+    warn_if_exposed(settings)
     app = build_app(settings)
     server = Server(
         app, settings.server.host, settings.server.port, drain_timeout=settings.server.drain_timeout

@@ -10,6 +10,7 @@ skipping it would fold the request into another agent or make it anonymous.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -56,8 +57,12 @@ def parse_sources(specs: Iterable[str]) -> tuple[IdentitySource, ...]:
     return tuple(parse_source(s) for s in specs)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _has_control(value: str) -> bool:
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
+    """Whether ``value`` has a C0 or C1 control character (or DEL)."""
+    return _CONTROL.search(value) is not None
 
 
 def validate(value: str, source: IdentitySource, max_bytes: int) -> str:
@@ -83,11 +88,12 @@ class IdentityExtractor:
             s if isinstance(s, IdentitySource) else parse_source(s) for s in sources
         )
         self.max_bytes = max_bytes
+        self._needs_body = any(s.kind == "body" for s in self.sources)
 
     @property
     def needs_body(self) -> bool:
         """Whether any source reads the request body."""
-        return any(s.kind == "body" for s in self.sources)
+        return self._needs_body
 
     def extract(
         self, headers: Mapping[str, str], body: Mapping[str, object] | None

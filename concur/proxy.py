@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import itertools
 import logging
 import math
 import uuid
@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from concur import logs
@@ -45,7 +45,14 @@ from concur.admission import (
 )
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
 from concur.metrics import ConcurMetrics
-from concur.usage import SSEUsage, estimate_prompt_tokens, inject_include_usage, usage_from_json
+from concur.usage import (
+    SSEUsage,
+    encode_with_include_usage,
+    estimate_prompt_tokens,
+    inject_include_usage,
+    loads,
+    usage_from_json,
+)
 
 log = logging.getLogger("concur.proxy")
 
@@ -68,6 +75,8 @@ HOP_BY_HOP = frozenset(
 )
 # Request headers the proxy recomputes (or that only make sense on the client's hop).
 _REQUEST_DROP = frozenset({"host", "content-length", "expect"})
+_REQUEST_SKIP = HOP_BY_HOP | _REQUEST_DROP | {"x-forwarded-for"}
+_RESPONSE_SKIP_STRIPPED = HOP_BY_HOP | {"content-length"}
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _MAX_USAGE_BODY = 4 << 20
 REQUEST_ID_HEADER = "X-Concur-Request-Id"
@@ -106,12 +115,145 @@ def openai_error(
 
 def hop_by_hop(headers: Mapping[str, str]) -> set[str]:
     """Lower-case names not to forward: the fixed list plus those named in Connection."""
-    names = set(HOP_BY_HOP)
     getall = getattr(headers, "getall", None)
-    values = getall("Connection", []) if getall else [headers.get("Connection", "")]
+    values = getall("Connection", ()) if getall else [headers.get("Connection", "")]
+    names = set(HOP_BY_HOP)
     for value in values:
         names.update(t.strip().lower() for t in value.split(",") if t.strip())
     return names
+
+
+def _skipped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+    """``base`` plus the names listed in ``headers``' Connection header (usually none)."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return base
+    return base | {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
+
+
+def _filtered(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> CIMultiDict[str]:
+    """A copy of ``headers`` without the names in ``skip`` and without ``Proxy-*``."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in skip and not low.startswith("proxy-"):
+            out.add(name, value)
+    return out
+
+
+class RequestIds:
+    """Unique request ids (32 hex digits, like a UUID's): a random prefix and a counter.
+
+    As unique as ``uuid4().hex`` within a process and across processes, at a
+    fraction of its cost on the request path.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._next = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._next) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+class UpstreamReadTimeout(TimeoutError):
+    """The upstream sent nothing for ``upstream.read_timeout`` seconds mid-body."""
+
+
+class _UpstreamTimer:
+    """Both upstream timeouts of one request on one timer handle.
+
+    First the response headers get ``first_byte`` seconds: when they pass, the
+    request's task is cancelled, as ``asyncio.timeout`` would, and :meth:`failed`
+    reports the timeout. Then the body may be silent for ``read`` seconds between
+    chunks: the relay loop stamps :attr:`since` before each read and clears it after,
+    and the timer, re-armed only when it fires early (not per chunk), fails the body
+    stream with :class:`UpstreamReadTimeout` once a read has waited too long. Time
+    spent writing to a slow client is not silence. The first-byte handle is kept for
+    the body phase when it is due no later than the first read deadline could be.
+    """
+
+    __slots__ = (
+        "_body",
+        "_cancelling",
+        "_expired",
+        "_handle",
+        "_loop",
+        "_read",
+        "_stream",
+        "_task",
+        "since",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, first_byte: float | None, read: float | None
+    ) -> None:
+        self._loop = loop
+        self._read = read
+        self._body = False
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._expired = False
+        self._handle: asyncio.TimerHandle | None = None
+        self._stream: aiohttp.StreamReader | None = None
+        self.since: float | None = None
+        if first_byte is not None:
+            self._task = asyncio.current_task(loop)
+            if self._task is None:
+                raise RuntimeError("_UpstreamTimer must be created inside a task")
+            self._cancelling = self._task.cancelling()
+            self._handle = loop.call_at(loop.time() + first_byte, self._fire)
+
+    def failed(self, cancelled: bool) -> bool:
+        """No response: stop the timer; True when the first-byte deadline cancelled the task."""
+        self.cancel()
+        return self._uncancel() and cancelled
+
+    def responded(self, stream: aiohttp.StreamReader) -> None:
+        """The headers are in: watch ``stream`` for silence from now on."""
+        self._uncancel()  # (a deadline that fired in the same instant still cancels, as before)
+        self._body = True
+        self._stream = stream
+        if self._read is None:
+            self.cancel()
+            return
+        due = self._loop.time() + self._read
+        if self._handle is None or self._handle.when() > due:
+            self.cancel()
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _uncancel(self) -> bool:
+        """Undo the first-byte deadline's cancel; True if it was the only one pending."""
+        if not self._expired:
+            return False
+        self._expired = False
+        assert self._task is not None
+        return self._task.uncancel() <= self._cancelling
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self._body:
+            self._expired = True
+            assert self._task is not None
+            self._task.cancel()
+            return
+        assert self._read is not None and self._stream is not None
+        now = self._loop.time()
+        since = self.since
+        if since is not None and now - since >= self._read:
+            self._stream.set_exception(
+                UpstreamReadTimeout(
+                    f"no data from the upstream for {self._read:g}s (upstream.read_timeout)"
+                )
+            )
+            return
+        due = now + self._read if since is None else since + self._read
+        self._handle = self._loop.call_at(due, self._fire)
 
 
 def _is_json(content_type: str) -> bool:
@@ -186,11 +328,12 @@ class Proxy:
             pair = f"{up.user}:{up.password or ''}".encode()
             self._auth = "Basic " + base64.b64encode(pair).decode("ascii")
         self.in_flight = 0
+        self._request_id = RequestIds()
 
     # --------------------------------------------------------------- entry
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = uuid.uuid4().hex
+        rid = self._request_id()
         self.in_flight += 1
         try:
             return await self._handle(request, rid)
@@ -227,12 +370,15 @@ class Proxy:
             self.metrics.on_admission("bypassed")
             return await self._forward(request, rid, body, None, step)
         try:
-            async with self.gate.permit(
+            ticket = await self.gate.acquire(
                 step.agent_id, context_tokens=step.context_tokens, done=step.done
-            ) as ticket:
-                return await self._forward(request, rid, body, ticket, step)
+            )
         except AdmissionError as exc:
             return self._refuse(exc, step, rid)
+        try:  # what gate.permit() does, without a generator-based context manager
+            return await self._forward(request, rid, body, ticket, step)
+        finally:
+            self.gate.finish(ticket)
 
     # ------------------------------------------------------------ admission
 
@@ -245,8 +391,8 @@ class Proxy:
         wanted = self.identity.needs_body or b'"stream"' in body
         if body and wanted and _is_json(request.content_type):
             try:
-                obj = json.loads(body)
-            except ValueError:
+                obj = loads(body)
+            except (ValueError, RecursionError):  # RecursionError: nested absurdly deep
                 obj = None  # the engine will say what is wrong with it
             if isinstance(obj, dict):
                 parsed = obj
@@ -260,13 +406,16 @@ class Proxy:
         step.done = step.anonymous or (
             request.headers.get(self.options.done_header, "").strip().lower() in _TRUE
         )
+        step.context_tokens = len(body) // 4
         if parsed is not None:
-            step.context_tokens = estimate_prompt_tokens(parsed)
-            if step.agent_id is not None and inject_include_usage(path, parsed):
-                step.strip_usage = True
-                body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
-        else:
-            step.context_tokens = len(body) // 4
+            try:
+                step.context_tokens = estimate_prompt_tokens(parsed)
+                had_options = "stream_options" in parsed
+                if step.agent_id is not None and inject_include_usage(path, parsed):
+                    body = encode_with_include_usage(body, parsed, had_options=had_options)
+                    step.strip_usage = True
+            except RecursionError:  # too deep to walk or re-encode: forward it as it came
+                pass
         return step, body
 
     def _refuse(self, exc: AdmissionError, step: _Step, rid: str) -> web.Response:
@@ -302,6 +451,9 @@ class Proxy:
             raise _BodyTooLarge
         if not request.body_exists:
             return b""
+        if length is not None:
+            # The parser feeds at most Content-Length bytes: read them in one call.
+            return await request.content.read()
         buf = bytearray()
         async for chunk in request.content.iter_any():
             buf += chunk
@@ -321,14 +473,8 @@ class Proxy:
         return URL(self._origin + self._base + path + ("?" + query if query else ""), encoded=True)
 
     def upstream_headers(self, request: web.Request, step: _Step) -> CIMultiDict[str]:
-        drop = hop_by_hop(request.headers) | _REQUEST_DROP
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            low = name.lower()
-            if low in drop or low.startswith("proxy-") or low == "x-forwarded-for":
-                continue
-            out.add(name, value)
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+        out = _filtered(request.headers, _skipped(request.headers, _REQUEST_SKIP))
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         remote = request.remote or "unknown"
         out["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
         if self._auth is not None and "Authorization" not in out:
@@ -349,28 +495,32 @@ class Proxy:
         opts = self.options
         loop = asyncio.get_running_loop()
         started = loop.time()
+        timer = _UpstreamTimer(loop, opts.first_byte_timeout, opts.read_timeout)
         try:
-            async with asyncio.timeout(opts.first_byte_timeout):
-                up = await self.session.request(
-                    request.method,
-                    self.target_url(request),
-                    headers=self.upstream_headers(request, step),
-                    data=body if body or request.body_exists else None,
-                    allow_redirects=False,
-                )
-        except TimeoutError:
-            return self._upstream_failed(rid, step, 504, "timeout", started)
-        except aiohttp.ClientError as exc:
-            return self._upstream_failed(rid, step, 502, "error", started, exc)
-        except asyncio.CancelledError:
-            self.metrics.on_upstream("cancelled", None)
+            up = await self.session.request(
+                request.method,
+                self.target_url(request),
+                headers=self.upstream_headers(request, step),
+                data=body if body or request.body_exists else None,
+                allow_redirects=False,
+            )
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if timer.failed(cancelled) or isinstance(exc, TimeoutError):
+                return self._upstream_failed(rid, step, 504, "timeout", started)
+            if isinstance(exc, aiohttp.ClientError):
+                return self._upstream_failed(rid, step, 502, "error", started, exc)
+            if cancelled:
+                self.metrics.on_upstream("cancelled", None)
             raise
+        timer.responded(up.content)
         self.metrics.on_upstream(str(up.status), loop.time() - started)
         complete = False
         try:
-            resp, complete = await self._relay(request, rid, up, ticket, step)
+            resp, complete = await self._relay(request, rid, up, ticket, step, timer)
             return resp
         finally:
+            timer.cancel()
             if complete:
                 up.release()
             else:
@@ -414,6 +564,7 @@ class Proxy:
         up: aiohttp.ClientResponse,
         ticket: Ticket | None,
         step: _Step,
+        timer: _UpstreamTimer,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay the upstream response; returns it and whether the upstream body was read whole."""
         content_type = up.headers.get("Content-Type", "").lower()
@@ -428,24 +579,20 @@ class Proxy:
             elif "json" in content_type:
                 json_buf = bytearray()
 
-        drop = hop_by_hop(up.headers)
-        if tracker is not None and tracker.strip:
-            drop.add("content-length")
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in up.headers.items():
-            low = name.lower()
-            if low not in drop and not low.startswith("proxy-"):
-                headers.add(name, value)
+        base = _RESPONSE_SKIP_STRIPPED if tracker is not None and tracker.strip else HOP_BY_HOP
+        headers = _filtered(up.headers, _skipped(up.headers, base))
         headers[REQUEST_ID_HEADER] = rid
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-        read_timeout = self.options.read_timeout
         failure: BaseException | None = None
+        content = up.content
+        loop = asyncio.get_running_loop()
         try:
             await resp.prepare(request)
             while True:
                 try:
-                    async with asyncio.timeout(read_timeout):
-                        chunk = await up.content.readany()
+                    timer.since = loop.time()
+                    chunk = await content.readany()
+                    timer.since = None
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     failure = exc
                     break
@@ -487,15 +634,16 @@ class Proxy:
                 tokens = usage_from_json(bytes(json_buf))
             if tokens is not None:
                 ticket.usage_tokens = tokens
-        logs.event(
-            log,
-            "request",
-            logging.DEBUG,
-            request_id=rid,
-            agent=step.agent_id,
-            method=request.method,
-            path=request.rel_url.path,
-            status=up.status,
-            usage=ticket.usage_tokens if ticket is not None else None,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            logs.event(
+                log,
+                "request",
+                logging.DEBUG,
+                request_id=rid,
+                agent=step.agent_id,
+                method=request.method,
+                path=request.rel_url.path,
+                status=up.status,
+                usage=ticket.usage_tokens if ticket is not None else None,
+            )
         return resp, True

@@ -25,24 +25,35 @@ reports usage in its ``response.completed`` event)."""
 # ------------------------------------------------------------------ estimates
 
 
+_TEXT_KEYS = ("text", "content", "input", "output", "arguments", "refusal")
+_MAPPINGS = (dict, Mapping)  # dict first: parsed JSON is made of dicts, checked fast
+
+
 def _text_chars(value: object) -> int:
     """Characters of text in a message content / prompt / input value, recursively."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, list):
-        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if (
+            value
+            and isinstance(value[0], int)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             return len(value) * CHARS_PER_TOKEN  # a pre-tokenized prompt: one token each
-        return sum(_text_chars(v) for v in value)
-    if isinstance(value, Mapping):
         total = 0
-        for key in ("text", "content", "input", "output", "arguments", "refusal"):
+        for v in value:
+            total += _text_chars(v)
+        return total
+    if isinstance(value, _MAPPINGS):
+        total = 0
+        for key in _TEXT_KEYS:
             if key in value:
                 total += _text_chars(value[key])
         calls = value.get("tool_calls")
         if isinstance(calls, list):
             for call in calls:
-                fn = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(fn, Mapping):
+                fn = call.get("function") if isinstance(call, _MAPPINGS) else None
+                if isinstance(fn, _MAPPINGS):
                     total += _text_chars(fn.get("arguments")) + _text_chars(fn.get("name"))
         return total
     return 0
@@ -66,7 +77,7 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
 def usage_tokens(usage: object) -> int | None:
     """prompt + completion tokens from an OpenAI ``usage`` object (or the Responses API's
     input + output tokens); ``None`` when it carries neither."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, _MAPPINGS):
         return None
     for a, b in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
         pa, pb = usage.get(a), usage.get(b)
@@ -80,14 +91,25 @@ def usage_tokens(usage: object) -> int | None:
 
 def usage_from_object(obj: object) -> int | None:
     """Usage tokens of a response object or stream event (chat, completion, Responses)."""
-    if not isinstance(obj, Mapping):
+    if not isinstance(obj, _MAPPINGS):
         return None
     found = usage_tokens(obj.get("usage"))
     if found is None:
         inner = obj.get("response")  # Responses API: response.completed event
-        if isinstance(inner, Mapping):
+        if isinstance(inner, _MAPPINGS):
             found = usage_tokens(inner.get("usage"))
     return found
+
+
+def loads(data: bytes) -> Any:
+    """``json.loads(data)``, skipping its encoding detection for the usual UTF-8 object.
+
+    ``json.loads`` reads bytes starting ``{`` and a non-NUL byte as UTF-8 (with
+    ``surrogatepass``); such bytes are decoded here directly. Raises ``ValueError``.
+    """
+    if data[:1] == b"{" and data[1:2] != b"\x00":
+        return json.loads(data.decode("utf-8", "surrogatepass"))
+    return json.loads(data)
 
 
 def usage_from_json(body: bytes) -> int | None:
@@ -95,13 +117,31 @@ def usage_from_json(body: bytes) -> int | None:
     if b'"usage"' not in body:
         return None
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except ValueError:
         return None
     return usage_from_object(obj)
 
 
 # ------------------------------------------------------------ stream_options
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def encode_with_include_usage(raw: bytes, body: Mapping[str, Any], *, had_options: bool) -> bytes:
+    """The request body to send after :func:`inject_include_usage` changed ``body``.
+
+    When the client sent no ``stream_options``, the member is spliced in front of
+    the client's own bytes (a UTF-8 JSON object), which leaves every other byte as
+    the client wrote it and skips re-serializing; otherwise ``body`` is re-encoded.
+    """
+    if not had_options:
+        start = len(raw) - len(raw.lstrip(b" \t\r\n"))
+        if raw[start : start + 1] == b"{" and body:
+            # ``body`` is non-empty, so a member follows and the comma is right.
+            return raw[: start + 1] + _INCLUDE_USAGE + raw[start + 1 :]
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def wants_stream(body: Mapping[str, Any]) -> bool:
@@ -133,12 +173,28 @@ def inject_include_usage(path: str, body: dict[str, Any]) -> bool:
 
 def _event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` payload of one raw SSE event."""
+    if (
+        event.startswith(b"data: ")
+        and event.endswith(b"\n\n")
+        and event.count(b"\n") == 2
+        and b"\r" not in event
+    ):
+        return event[6:-2]  # the usual one-line event: what the loop below gives
     parts: list[bytes] = []
     for line in event.splitlines():
         if line.startswith(b"data:"):
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
     return b"\n".join(parts) if parts else None
+
+
+def _clean_end(data: bytes | bytearray) -> bool:
+    """Whether ``data`` (starting at an event boundary) is whole events split by plain LFs.
+
+    It ends in exactly one blank line (``x\\n\\n``) and has no CR, so nothing is left
+    over after its last event and every blank line is a plain ``\\n\\n``.
+    """
+    return data.endswith(b"\n\n") and not data.endswith(b"\n\n\n") and b"\r" not in data
 
 
 class SSEUsage:
@@ -150,6 +206,10 @@ class SSEUsage:
     are relayed as soon as their terminating blank line arrives, and an event
     whose JSON has ``"choices": []`` and a ``usage`` object (the chunk an injected
     ``include_usage`` adds) is dropped. :meth:`flush` returns what is left at the end.
+
+    Only events that mention ``usage`` are parsed. Chunks of whole LF-separated
+    events (what engines send) are searched for ``usage`` and passed on in slices;
+    anything else (a partial event, CR line ends) goes event by event.
     """
 
     def __init__(self, *, strip_usage_chunk: bool = False, max_event_bytes: int = 1 << 20) -> None:
@@ -165,7 +225,61 @@ class SSEUsage:
             return b""
         if self._overflow:
             return chunk
-        self._buf += chunk
+        if self._buf:
+            self._buf += chunk
+            if _clean_end(self._buf):
+                data = bytes(self._buf)
+                self._buf.clear()
+                out = self._split_clean(data)
+            else:
+                out = self._split_buffered()
+        elif _clean_end(chunk):
+            out = self._split_clean(chunk)
+        else:
+            self._buf += chunk
+            out = self._split_buffered()
+        return out if self.strip else chunk
+
+    def flush(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest and not self._overflow:
+            self._inspect(rest)
+        return rest if self.strip else b""
+
+    def _split_clean(self, data: bytes) -> bytes:
+        """Handle whole events (see :func:`_clean_end`); the bytes to relay when stripping.
+
+        Each ``usage`` is located in its event: the event starts after the last
+        ``\\n\\n`` before it (a boundary unless another newline precedes it) and
+        ends at the first ``\\n\\n`` after it. Only that event is inspected.
+        """
+        pos = 0
+        parts: list[bytes] = []
+        while True:
+            at = data.find(b"usage", pos)
+            if at < 0:
+                break
+            pair = data.rfind(b"\n\n", pos, at)
+            if pair > pos and data[pair - 1] == 0x0A:
+                # A run of newlines: leave the exact splitting to the event-by-event path.
+                self._buf += data[pos:]
+                return b"".join(parts) + self._split_buffered()
+            start = pos if pair < 0 else pair + 2
+            end = data.index(b"\n\n", at) + 2
+            if self._inspect(data[start:end]) and self.strip:
+                self.stripped += 1
+                parts.append(data[pos:start])
+            elif self.strip:
+                parts.append(data[pos:end])
+            pos = end
+        if not parts:
+            return data
+        parts.append(data[pos:])
+        return b"".join(parts)
+
+    def _split_buffered(self) -> bytes:
+        """Take the buffer's complete events one by one; the bytes to relay when stripping."""
         out = bytearray()
         while True:
             end = self._event_end()
@@ -184,23 +298,18 @@ class SSEUsage:
             if self.strip:
                 out += self._buf
             self._buf.clear()
-        return chunk if not self.strip else bytes(out)
-
-    def flush(self) -> bytes:
-        rest = bytes(self._buf)
-        self._buf.clear()
-        if rest and not self._overflow:
-            self._inspect(rest)
-        return rest if self.strip else b""
+        return bytes(out)
 
     def _event_end(self) -> int | None:
         """Index just past the first complete event (its blank line) in the buffer."""
         buf = self._buf
-        best: int | None = None
-        for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-            i = buf.find(sep)
-            if i >= 0 and (best is None or i + len(sep) < best):
-                best = i + len(sep)
+        i = buf.find(b"\n\n")
+        best = None if i < 0 else i + 2
+        if b"\r" in buf:  # the CR separators cannot occur otherwise
+            for sep in (b"\r\n\r\n", b"\r\r"):
+                i = buf.find(sep)
+                if i >= 0 and (best is None or i + len(sep) < best):
+                    best = i + len(sep)
         return best
 
     def _inspect(self, event: bytes) -> bool:
@@ -211,11 +320,11 @@ class SSEUsage:
         if data is None or data == b"[DONE]":
             return False
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except ValueError:
             return False
         tokens = usage_from_object(obj)
         if tokens is None:
             return False
         self.tokens = tokens
-        return isinstance(obj, Mapping) and obj.get("choices") == []
+        return isinstance(obj, _MAPPINGS) and obj.get("choices") == []

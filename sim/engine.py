@@ -6,6 +6,15 @@ applied when :meth:`EngineModel.step` is called; the step *takes*
 ``StepResult.duration`` seconds, so a driver delivers its outputs at
 ``StepResult.end`` and calls ``step`` again then (if :meth:`has_work`).
 
+:meth:`EngineModel.step_many` does the same for a whole run of steps: after
+one ordinary step it applies the pure-decode steps that follow (every running
+request samples one token; nothing is admitted, prefilled or preempted) at
+once, up to a time the driver names (its next event), the first step that
+finishes a request, or a step that would preempt. The outcome is exactly that
+of stepping one by one (``EngineConfig.fast_forward`` switches it off;
+``tests/sim/test_fastforward.py`` checks they agree), at a fraction of the
+cost: such runs are most of a long agentic simulation's steps.
+
 Prompt conventions (see :mod:`concur.sim.blocks`):
 
 - a prompt is a :class:`~concur.sim.blocks.TokenSeq` of segments;
@@ -27,12 +36,18 @@ Prompt conventions (see :mod:`concur.sim.blocks`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from concur.adapters.signal import EngineSignal
 from concur.sim.blocks import DEFAULT_BLOCK_SIZE, TokenSeq
-from concur.sim.scheduler import EngineRequest, FinishedRequest, RequestState, Scheduler
+from concur.sim.scheduler import (
+    DecodePlan,
+    EngineRequest,
+    FinishedRequest,
+    RequestState,
+    Scheduler,
+)
 from concur.sim.steptime import (
     GpuSpec,
     ModelSpec,
@@ -77,6 +92,9 @@ class EngineConfig:
     """vLLM's scheduler ``watermark``: fraction of blocks kept free at admission."""
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    fast_forward: bool = True
+    """Let :meth:`EngineModel.step_many` apply runs of pure-decode steps at once
+    (same results as stepping one by one; off only to check exactly that)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -128,6 +146,7 @@ def engine_config(
     enable_prefix_caching: bool = True,
     overhead_s: float = 0.002,
     max_model_len: int | None = None,
+    fast_forward: bool = True,
 ) -> EngineConfig:
     """An engine for ``model`` on ``tp`` x ``gpu``: roofline step time, and KV
     capacity derived from GPU memory unless ``kv_capacity_tokens`` is given."""
@@ -144,12 +163,20 @@ def engine_config(
         watermark=watermark,
         enable_prefix_caching=enable_prefix_caching,
         max_model_len=max_model_len,
+        fast_forward=fast_forward,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """One engine step."""
+    """One engine step, or a run of steps from :meth:`EngineModel.step_many`.
+
+    For a run, counts are summed over its steps, ``prefill_tokens``,
+    ``num_requests``, ``preempted``, ``admitted`` and ``recomputed_tokens``
+    are the first step's (the others are pure decode steps), ``outputs`` holds
+    each request's new tokens over the run and ``finished`` the requests the
+    last step completed; ``end`` is exact, ``duration`` is ``end - start``.
+    """
 
     start: float
     duration: float
@@ -170,10 +197,13 @@ class StepResult:
     recomputed_tokens: int
     context_tokens: int
     """KV tokens read by the step's attention (sum of scheduled contexts)."""
+    num_steps: int = 1
+    end_time: float | None = None
+    """When the run's last step ends (set by :meth:`EngineModel.step_many`)."""
 
     @property
     def end(self) -> float:
-        return self.start + self.duration
+        return self.start + self.duration if self.end_time is None else self.end_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +314,115 @@ class EngineModel:
             admitted=batch.admitted,
             recomputed_tokens=batch.recomputed_tokens,
             context_tokens=batch.context_tokens,
+        )
+
+    def step_many(self, now: float, until: float, min_duration: float = 0.0) -> StepResult:
+        """Run the step that starts at ``now``, then as many pure-decode steps
+        (see :meth:`Scheduler.plan_decode`) as start strictly before ``until``,
+        stopping after the first step that finishes a request and before one
+        that would preempt or admit. Each step lasts ``max(duration,
+        min_duration)`` and starts when the previous one ends.
+
+        The result (see :class:`StepResult`) is what stepping one by one would
+        have produced, provided nothing is added to or read from the engine
+        before ``until``: a driver passes the time of its next event, and
+        delivers the result at ``result.end``. With ``config.fast_forward``
+        off this is a single :meth:`step`."""
+        if not self.config.fast_forward:
+            first = self.step(now)
+            span = max(first.duration, min_duration)
+            return first if span == first.duration else replace(first, end_time=now + span)
+        sched = self._sched
+        plan = sched.plan_decode()
+        if plan is not None:
+            # Already pure decode: the whole run, its first step included.
+            run = self._decode_run(plan, now, until, min_duration, first=True)
+            if run is not None:
+                return run
+        first = self.step(now)
+        span = max(first.duration, min_duration)
+        end = now + span
+        plan = None
+        if end < until and first.scheduled_tokens and not first.finished:
+            plan = sched.plan_decode()
+        run = None if plan is None else self._decode_run(plan, end, until, min_duration)
+        if run is None:
+            return first if span == first.duration else replace(first, end_time=end)
+        outputs = dict(first.outputs)
+        for rid, n in run.outputs.items():
+            outputs[rid] = outputs.get(rid, 0) + n
+        return replace(
+            first,
+            duration=run.end - now,
+            scheduled_tokens=first.scheduled_tokens + run.scheduled_tokens,
+            decode_tokens=first.decode_tokens + run.decode_tokens,
+            outputs=outputs,
+            finished=run.finished,
+            context_tokens=first.context_tokens + run.context_tokens,
+            num_steps=1 + run.num_steps,
+            end_time=run.end,
+        )
+
+    def _decode_run(
+        self, plan: DecodePlan, start: float, until: float, min_duration: float, first: bool = False
+    ) -> StepResult | None:
+        """Run the steps of ``plan`` that start before ``until`` (the one at
+        ``start`` regardless if ``first``) and book them; None if none can run."""
+        duration = self._duration
+        nreq = plan.num_requests
+        ctx = plan.context_tokens
+        allocs = plan.allocs
+        bs = len(allocs)
+        free = plan.free_blocks
+        limit = plan.max_steps
+        durations: list[float] = []
+        finish_times: list[float] = []
+        end = start
+        while len(durations) < limit and (end < until or (first and not durations)):
+            free -= allocs[len(durations) % bs]
+            if free < 0:
+                break  # this step would preempt: leave it to step()
+            d = duration(nreq, ctx)
+            ctx += nreq
+            durations.append(d)
+            finish_times.append(end + d)
+            end = end + max(d, min_duration)
+        if not durations:
+            return None
+        k, outputs, finished = self._sched.run_decode(plan, len(durations), finish_times)
+        if not k:
+            return None
+        # Book the k steps run, in the same order and arithmetic as one by one.
+        index = self._steps
+        end = start
+        ctx = plan.context_tokens
+        context = 0
+        busy = self._busy
+        for d in durations[:k]:
+            busy += d
+            context += ctx
+            ctx += nreq
+            end = end + max(d, min_duration)
+        self._steps += k
+        self._busy = busy
+        self._scheduled += nreq * k
+        self._finished += len(finished)
+        return StepResult(
+            start=start,
+            duration=end - start,
+            step_index=index,
+            scheduled_tokens=nreq * k,
+            prefill_tokens=0,
+            decode_tokens=nreq * k,
+            num_requests=nreq,
+            outputs=outputs,
+            finished=tuple(finished),
+            preempted=(),
+            admitted=(),
+            recomputed_tokens=0,
+            context_tokens=context,
+            num_steps=k,
+            end_time=end,
         )
 
     # -- observation ---------------------------------------------------------

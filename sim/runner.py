@@ -27,7 +27,11 @@ from concur.sim.trace import AgentTrace, Trace
 
 
 class Engine(Protocol):
-    """What the runner needs from an engine (the built-in model or vLLM's scheduler)."""
+    """What the runner needs from an engine (the built-in model or vLLM's scheduler).
+
+    An engine may also offer ``step_many`` (see :class:`StepMany`); the runner
+    then lets it run steps ahead up to the next event instead of one per event.
+    """
 
     def add_request(self, req: EngineRequest, now: float) -> None: ...
     def has_work(self) -> bool: ...
@@ -35,6 +39,17 @@ class Engine(Protocol):
     def signal(self, now: float) -> EngineSignal: ...
     @property
     def stats(self) -> EngineStats: ...
+
+
+class StepMany(Protocol):
+    """An engine's optional ``step_many(now, until, min_duration)``: one step,
+    then more while they start before ``until`` (see ``EngineModel.step_many``)."""
+
+    def __call__(self, now: float, until: float, min_duration: float) -> StepResult: ...
+
+
+_MIN_STEP_S = 1e-6
+"""Shortest engine step, so that virtual time always advances."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +178,9 @@ class Runner:
         self._next_sample = 0.0
         self._request_seq = 0
         self._signal: EngineSignal | None = None
+        self._step_many: StepMany | None = getattr(engine, "step_many", None)
+        # Steps that start at or before max_time run; nextafter makes "<" say "<=".
+        self._horizon = math.nextafter(self.options.max_time, math.inf)
 
     # ------------------------------------------------------------------ run
 
@@ -276,11 +294,21 @@ class Runner:
         self._kick_pending = False
         if self._engine_busy or not self.engine.has_work():
             return
-        result = self.engine.step(self.kernel.now)
+        kernel = self.kernel
+        now = kernel.now
+        if self._step_many is not None:
+            # Steps may be applied ahead of time only up to the next event (and
+            # never past the end of the run): whatever happens then sees the
+            # engine as stepping one by one would have left it.
+            nxt = kernel.peek()
+            until = self._horizon if nxt is None or nxt > self._horizon else nxt
+            result = self._step_many(now, until, _MIN_STEP_S)
+            end = result.end
+        else:
+            result = self.engine.step(now)
+            end = now + max(result.duration, _MIN_STEP_S)
         self._engine_busy = True
-        self.kernel.schedule_in(
-            max(result.duration, 1e-6), Priority.ENGINE_STEP_DONE, lambda: self._step_done(result)
-        )
+        kernel.schedule(end, Priority.ENGINE_STEP_DONE, lambda: self._step_done(result))
 
     def _step_done(self, result: StepResult) -> None:
         self._engine_busy = False

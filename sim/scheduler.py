@@ -24,6 +24,11 @@ FCFS policy, chunked prefill on, no speculative decoding, no KV connector,
 Blocks for the tokens a step computes are hashed and cached when the step is
 scheduled (``allocate_slots`` -> ``cache_blocks``), as in vLLM.
 
+Runs of pure-decode steps (:meth:`Scheduler.plan_decode`,
+:meth:`Scheduler.run_decode`) are applied at once, with the same block
+allocations, cached blocks and finishes as the same number of
+:meth:`Scheduler.schedule` + :meth:`Scheduler.update` calls.
+
 Prefix-cache counters follow vLLM's ``PrefixCacheStats``: recorded when a
 request is admitted, in tokens (queries = its sequence length, hits = cached
 tokens), and only for first admissions; re-admissions after preemption are not
@@ -33,12 +38,14 @@ exported by vLLM's ``/metrics`` and are not counted here either.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from concur.sim.blocks import BlockPool, TokenSeq, output_key
 
 __all__ = [
+    "DecodePlan",
     "EngineRequest",
     "FinishedRequest",
     "RequestState",
@@ -187,6 +194,63 @@ class ScheduleBatch:
     recomputed_tokens: int
     preempted: tuple[str, ...]
     admitted: tuple[str, ...]
+
+
+class DecodePlan:
+    """The pure-decode steps that can follow the current state (see
+    :meth:`Scheduler.plan_decode`); hand it back to :meth:`Scheduler.run_decode`
+    before anything else touches the scheduler.
+
+    Step ``j`` (0-based) schedules every running request for one token, reads
+    ``context_tokens + j * num_requests`` KV tokens and allocates
+    ``allocs[j % block_size]`` new blocks.
+    """
+
+    __slots__ = (
+        "actions",
+        "allocs",
+        "context_tokens",
+        "free_blocks",
+        "max_steps",
+        "num_requests",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        num_requests: int,
+        context_tokens: int,
+        max_steps: int,
+        free_blocks: int,
+        allocs: list[int],
+        actions: list[list[tuple[RequestState, bool]]],
+        watch: set[int] | None,
+    ) -> None:
+        self.num_requests = num_requests
+        self.context_tokens = context_tokens
+        """KV tokens the first step reads (sum of the requests' sequence lengths)."""
+        self.max_steps = max_steps
+        """Steps until, and including, the first one that finishes a request."""
+        self.free_blocks = free_blocks
+        """Free blocks now; a step whose allocations exceed what is left would preempt."""
+        self.allocs = allocs
+        self.actions = actions
+        """Per phase ``j % block_size``: (request, True = allocate a block /
+        False = cache its newly full block), in running order."""
+        self.watch = watch
+        """Hashes whose caching would reopen the blocked admission check of the
+        waiting queue's head (None: no check to reopen)."""
+
+    def steps_within_blocks(self, max_steps: int) -> int:
+        """How many of the first ``max_steps`` steps run without preempting."""
+        allocs = self.allocs
+        bs = len(allocs)
+        free = self.free_blocks
+        for j in range(min(max_steps, self.max_steps)):
+            free -= allocs[j % bs]
+            if free < 0:
+                return j
+        return min(max_steps, self.max_steps)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -511,6 +575,141 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return outputs, finished
+
+    # -- runs of pure-decode steps ------------------------------------------
+
+    def plan_decode(self) -> DecodePlan | None:
+        """The pure-decode steps that can run from the current state, or None if
+        the next step is not one.
+
+        A step is pure decode when every running request has all but its
+        newest token computed (it samples one token; nothing to prefill) and
+        the budget holds them all, and when no waiting request can be admitted:
+        the queue is empty, or ``max_num_seqs`` requests run, or its head is
+        blocked on the full-sequence reservation (``reserve_full_isl``) by the
+        memoised check. Then :meth:`schedule` changes nothing but lengths,
+        block allocations at block boundaries and the caching of blocks that
+        fill up, so :meth:`run_decode` can apply a run of such steps at once,
+        identically to stepping one by one. A blocked head stays blocked while
+        blocks are only allocated (free blocks shrink, its requirement cannot
+        shrink) unless caching a watched hash reopens it (see
+        :meth:`BlockPool.watch`), which :meth:`run_decode` stops before."""
+        running = self.running
+        nreq = len(running)
+        if not running or nreq > self.max_num_batched_tokens:
+            return None
+        pool = self.pool
+        watch: set[int] | None = None
+        if (
+            self.waiting
+            and nreq < self.max_num_seqs
+            and nreq < self.max_num_batched_tokens  # else no token budget left to admit
+        ):
+            blocked = self._blocked
+            if (
+                blocked is None
+                or blocked[0] is not self.waiting[0]
+                or blocked[1] != pool.epoch
+                or blocked[2] <= len(pool._free) - self.watermark_blocks
+            ):
+                return None
+            watch = pool._watch or None
+        bs = self.block_size
+        caching = self.enable_prefix_caching
+        allocs = [0] * bs
+        actions: list[list[tuple[RequestState, bool]]] = [[] for _ in range(bs)]
+        max_steps = running[0].max_tokens
+        context = 0
+        for r in running:
+            ntok = r.num_prompt + r.num_output
+            comp = r.num_computed
+            if comp != ntok - 1 or not r.num_output:
+                return None
+            left = r.max_tokens - r.num_output
+            if left < max_steps:
+                max_steps = left
+            context += ntok
+            # Step j computes position comp + j: a new block when it passes the
+            # last allocated one, a cached block when it completes one.
+            j = len(r.blocks) * bs - comp
+            if not 0 <= j < bs:
+                return None
+            allocs[j] += 1
+            actions[j].append((r, True))
+            if caching:
+                j = (r.num_cached_blocks + 1) * bs - comp - 1
+                if not 0 <= j < bs:
+                    return None
+                actions[j].append((r, False))
+        return DecodePlan(nreq, context, max_steps, len(pool._free), allocs, actions, watch)
+
+    def run_decode(
+        self, plan: DecodePlan, num_steps: int, end_times: Sequence[float]
+    ) -> tuple[int, dict[str, int], list[FinishedRequest]]:
+        """Apply up to ``num_steps`` steps of ``plan`` exactly as as many calls of
+        :meth:`schedule` + :meth:`update` would; ``end_times[j]`` is when step
+        ``j`` ends (the finish time of the requests it completes).
+        ``num_steps`` must be within ``plan.steps_within_blocks(num_steps)``.
+
+        Stops early, before a step that would cache a hash of ``plan.watch``
+        (that step must reconsider the waiting queue). Returns (steps applied,
+        new tokens per request, finished requests)."""
+        fit = plan.steps_within_blocks(num_steps)
+        if not 0 < num_steps <= fit:
+            raise ValueError(
+                f"run_decode: num_steps={num_steps} but only {fit} steps of the plan can run "
+                f"(before a finish or preemption); ask plan.steps_within_blocks first"
+            )
+        bs = self.block_size
+        pool = self.pool
+        allocate = pool.allocate
+        cache_block = pool.cache_block
+        seq_of = self._seq
+        actions = plan.actions
+        watch = plan.watch
+        # Blocks are handed out and cached step by step in running order, as
+        # :meth:`schedule` does, so the pool ends in the very same state.
+        for j in range(num_steps):
+            phase = actions[j % bs]
+            if watch is not None and self._reopens(phase, j, watch):
+                num_steps = j
+                break
+            for r, alloc in phase:
+                if alloc:
+                    r.blocks.extend(allocate(1))
+                else:
+                    nc = r.num_cached_blocks
+                    hashes = seq_of(r, r.num_prompt + r.num_output + j).hashes_upto(nc + 1)
+                    cache_block(r.blocks[nc], hashes[nc])
+                    r.num_cached_blocks = nc + 1
+        outputs: dict[str, int] = {}
+        finished: list[FinishedRequest] = []
+        if not num_steps:
+            return 0, outputs, finished
+        end_time = end_times[num_steps - 1]
+        for r in self.running:
+            r.num_computed += num_steps
+            r.num_output += num_steps
+            outputs[r.request_id] = num_steps
+            if r.num_output >= r.max_tokens:
+                finished.append(self._finish(r, end_time))
+        tokens = plan.num_requests * num_steps
+        self.decode_tokens += tokens
+        self.output_tokens += tokens
+        if finished:
+            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        return num_steps, outputs, finished
+
+    def _reopens(self, phase: list[tuple[RequestState, bool]], j: int, watch: set[int]) -> bool:
+        """Would step ``j`` of a decode run cache a watched hash? (Hashing the
+        blocks it completes is what that step's :meth:`schedule` does first.)"""
+        for r, alloc in phase:
+            if not alloc:
+                full = r.num_cached_blocks + 1
+                seq = self._seq(r, r.num_prompt + r.num_output + j)
+                if seq.hashes_upto(full)[full - 1] in watch:
+                    return True
+        return False
 
     def _finish(self, r: RequestState, now: float) -> FinishedRequest:
         r.status = RequestStatus.FINISHED

@@ -19,18 +19,43 @@ stream chunks), ``X-Fake-Header-Delay`` (seconds before the response starts),
 ``X-Fake-Die-After`` (close the connection after that many chunks).
 Each request is recorded; a request whose handler is cancelled (the client, i.e. the
 proxy, went away) is recorded in :attr:`FakeVLLM.cancelled`.
+
+Fault injection, for the reliability tests (``tests/reliability``):
+
+* :attr:`FakeVLLM.metrics_fault` breaks ``GET /metrics``: ``"500"``, ``"garbage"``
+  (200 with text that is not an exposition), ``"timeout"`` (never answers),
+  ``"missing-kv"`` (a valid page without the KV usage gauge), ``"reset"`` (closes the
+  connection); the counters (:attr:`preemptions`, :attr:`prefix_hits`, ...) can be set
+  lower to play an engine restart. :meth:`stop` then :meth:`start` reopens on the
+  same port, so "connection refused" can come and go;
+* :attr:`FakeVLLM.strict_json`: generation endpoints answer 400 to a body that is not
+  a JSON object, as vLLM does (default off: the fake is lenient);
+* per-request headers on the generation endpoints: ``X-Fake-Status: N`` answers N with
+  a vLLM-style error body (:meth:`FakeVLLM.error_body`; 503 adds ``Retry-After: 7``);
+  ``X-Fake-Reset: headers`` closes the connection before any response;
+  ``X-Fake-Truncate: 1`` sends a non-streaming response's headers and half its body,
+  then closes; ``X-Fake-Bulk: N`` streams at least N bytes of SSE as fast as the connection
+  takes them, counting in :attr:`FakeVLLM.bulk_written` (by ``X-Test-Id``) how many
+  bytes each write handed to the socket.
+
+:attr:`FakeVLLM.received` lists the raw target of every request that reached the fake
+(except ``/metrics`` and ``/health``), routed or not: proof of where the proxy sent it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MODEL = "m"
 
@@ -63,11 +88,16 @@ class FakeVLLM:
     waiting: int = 0
     _runner: web.AppRunner | None = None
     port: int = 0
+    metrics_fault: str | None = None
+    strict_json: bool = False
+    received: list[str] = field(default_factory=list)
+    bulk_written: dict[str, int] = field(default_factory=dict)
+    metrics_scrapes: int = 0
 
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> FakeVLLM:
-        app = web.Application()
+        app = web.Application(middlewares=[self._witness])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
@@ -78,7 +108,7 @@ class FakeVLLM:
         app.router.add_route("*", "/echo/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)  # 0 at first, then kept
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self
@@ -116,6 +146,24 @@ class FakeVLLM:
 
     # -------------------------------------------------------------- handlers
 
+    @web.middleware
+    async def _witness(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in ("/metrics", "/health"):
+            self.received.append(request.raw_path)
+        return await handler(request)
+
+    @staticmethod
+    def error_body(status: int) -> bytes:
+        """The exact body of an ``X-Fake-Status`` answer (vLLM's error shape)."""
+        err = {
+            "object": "error",
+            "message": f"fake engine error {status}",
+            "type": "BadRequestError" if status < 500 else "InternalServerError",
+            "param": None,
+            "code": status,
+        }
+        return json.dumps(err).encode()
+
     async def _record(self, request: web.Request) -> Seen:
         body = await request.read()
         seen = Seen(
@@ -129,7 +177,7 @@ class FakeVLLM:
         if body and request.content_type == "application/json":
             try:
                 seen.json = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 seen.json = None
         self.seen.append(seen)
         return seen
@@ -185,7 +233,19 @@ class FakeVLLM:
         resp.headers.add("Set-Cookie", "b=2; Path=/")
         return resp
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.metrics_scrapes += 1
+        fault = self.metrics_fault
+        if fault == "500":
+            return web.Response(status=500, text="Internal Server Error")
+        if fault == "garbage":
+            return web.Response(text="<html>\x00\x01 not { prometheus", content_type="text/html")
+        if fault == "timeout":
+            await asyncio.sleep(3600)
+        if fault == "reset":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
         lbl = f'engine="0",model_name="{MODEL}"'
         created = f"{time.time() - 100:.6e}"
         lines = [
@@ -221,12 +281,17 @@ class FakeVLLM:
                 f'sliding_window="None",swap_space="4"}} 1.0'
             ),
         ]
+        if fault == "missing-kv":
+            lines = [ln for ln in lines if "kv_cache_usage_perc" not in ln]
         return web.Response(
             text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8"
         )
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         seen = await self._record(request)
+        faulted = await self._generate_fault(request, seen)
+        if faulted is not None:
+            return faulted
         body = seen.json if isinstance(seen.json, dict) else {}
         n_tokens = int(request.headers.get("X-Fake-Tokens", "3"))
         delay = float(request.headers.get("X-Fake-Delay", "0"))
@@ -262,6 +327,58 @@ class FakeVLLM:
             raise
         finally:
             self.running -= 1
+
+    async def _generate_fault(self, request: web.Request, seen: Seen) -> web.StreamResponse | None:
+        """The response of a request that asked for a fault (or a strict-JSON 400); else None."""
+        headers = request.headers
+        if headers.get("X-Fake-Reset") == "headers":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if "X-Fake-Status" in headers:
+            status = int(headers["X-Fake-Status"])
+            extra = {"Retry-After": "7"} if status == 503 else {}
+            return web.Response(
+                status=status,
+                body=self.error_body(status),
+                content_type="application/json",
+                headers=extra,
+            )
+        if self.strict_json and not isinstance(seen.json, dict):
+            return web.Response(
+                status=400, body=self.error_body(400), content_type="application/json"
+            )
+        if headers.get("X-Fake-Truncate"):
+            full = json.dumps(self._complete(True, "chatcmpl-t", 50, {})).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = len(full)
+            await resp.prepare(request)
+            await resp.write(full[: len(full) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        if "X-Fake-Bulk" in headers:
+            return await self._bulk(request, seen.test_id, int(headers["X-Fake-Bulk"]))
+        return None
+
+    async def _bulk(self, request: web.Request, test_id: str, total: int) -> web.StreamResponse:
+        """At least ``total`` bytes of SSE events, each write counted once the socket took it."""
+        # A small send buffer: the bytes counted as written are (almost) all past the fake.
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        pad = "x" * 16_000
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"' + pad.encode() + b'"}}]}\n\n'
+        self.bulk_written[test_id] = 0
+        sent = 0
+        while sent < total:  # whole events: at least ``total`` bytes
+            await resp.write(event)
+            sent += len(event)
+            self.bulk_written[test_id] = sent
+        await resp.write_eof()
+        return resp
 
     @staticmethod
     def _complete(chat: bool, rid: str, n: int, usage: dict[str, int]) -> dict[str, Any]:
@@ -333,8 +450,8 @@ class FakeVLLM:
                 await asyncio.sleep(delay)
             await resp.write(chunk([choice(f"tok{i} ", None)]))
         await resp.write(chunk([choice("" if not chat else None, "stop")]))
-        opts = body.get("stream_options") or {}
-        if opts.get("include_usage"):
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage"):
             await resp.write(chunk([], usage=usage))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

@@ -1,0 +1,228 @@
+"""The request path's fast paths give the same results as the straightforward code.
+
+:class:`concur.usage.SSEUsage` skips event-by-event parsing for plain chunks and
+:func:`concur.usage.encode_with_include_usage` splices ``stream_options`` into the
+client's bytes; both are checked here against reference implementations (the
+event-by-event splitter the proxy used before, and ``json.dumps``) on generated
+streams and bodies, cut into chunks at arbitrary points. The proxy keeps one timer
+per request for the first-byte and between-chunks timeouts instead of a timeout
+around every read; the last tests check that a slow but steady stream survives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fakes.fake_vllm import FakeVLLM
+from fakes.harness import AGENT, DONE, Start, chat, sse_events, sse_json
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from concur.usage import (
+    SSEUsage,
+    encode_with_include_usage,
+    inject_include_usage,
+    usage_from_object,
+)
+
+
+class ReferenceSSEUsage:
+    """The event-by-event splitter, kept as the specification of :class:`SSEUsage`."""
+
+    def __init__(self, *, strip_usage_chunk: bool = False, max_event_bytes: int = 1 << 20) -> None:
+        self.strip = strip_usage_chunk
+        self.tokens: int | None = None
+        self._buf = bytearray()
+        self._max = max_event_bytes
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        if self._overflow:
+            return chunk
+        self._buf += chunk
+        out = bytearray()
+        while True:
+            end = self._event_end()
+            if end is None:
+                break
+            event = bytes(self._buf[:end])
+            del self._buf[:end]
+            if self._inspect(event) and self.strip:
+                continue
+            if self.strip:
+                out += event
+        if len(self._buf) > self._max:
+            self._overflow = True
+            if self.strip:
+                out += self._buf
+            self._buf.clear()
+        return chunk if not self.strip else bytes(out)
+
+    def flush(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest and not self._overflow:
+            self._inspect(rest)
+        return rest if self.strip else b""
+
+    def _event_end(self) -> int | None:
+        best: int | None = None
+        for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+            i = self._buf.find(sep)
+            if i >= 0 and (best is None or i + len(sep) < best):
+                best = i + len(sep)
+        return best
+
+    def _inspect(self, event: bytes) -> bool:
+        if b"usage" not in event:
+            return False
+        parts = [
+            (line[5:][1:] if line[5:].startswith(b" ") else line[5:])
+            for line in event.splitlines()
+            if line.startswith(b"data:")
+        ]
+        if not parts:
+            return False
+        data = b"\n".join(parts)
+        if data == b"[DONE]":
+            return False
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return False
+        tokens = usage_from_object(obj)
+        if tokens is None:
+            return False
+        self.tokens = tokens
+        return isinstance(obj, Mapping) and obj.get("choices") == []
+
+
+USAGE = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+CHUNK = {"choices": [{"delta": {"content": "usage of tokens"}}]}
+PAYLOADS = [
+    json.dumps(CHUNK),
+    json.dumps({"choices": [{"delta": {"content": "hi"}}]}),
+    json.dumps(USAGE),
+    json.dumps({"choices": [{"delta": {}}], "usage": {"total_tokens": 5}}),
+    "[DONE]",
+    "not json usage",
+    "",
+]
+SEPARATORS = [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\n\n", b"\n", b"\r\n\n", b"\n\n\n\n"]
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    events = draw(
+        st.lists(
+            st.tuples(st.sampled_from(PAYLOADS), st.sampled_from(SEPARATORS), st.booleans()),
+            max_size=12,
+        )
+    )
+    raw = b"".join(
+        (b"data: " if space else b"data:") + p.encode() + sep for p, sep, space in events
+    )
+    cuts = sorted(draw(st.lists(st.integers(0, max(0, len(raw))), max_size=6)))
+    return raw, cuts
+
+
+def _pieces(raw: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *cuts, len(raw)]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _run(tracker: Any, pieces: list[bytes]) -> tuple[list[bytes], bytes, int | None]:
+    outs = [tracker.feed(p) for p in pieces]
+    return outs, tracker.flush(), tracker.tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams(), st.booleans(), st.sampled_from([1 << 20, 40]))
+def test_sse_usage_matches_reference(
+    stream: tuple[bytes, list[int]], strip: bool, max_event: int
+) -> None:
+    raw, cuts = stream
+    pieces = _pieces(raw, cuts)
+    fast = _run(SSEUsage(strip_usage_chunk=strip, max_event_bytes=max_event), pieces)
+    ref = _run(ReferenceSSEUsage(strip_usage_chunk=strip, max_event_bytes=max_event), pieces)
+    assert fast == ref  # the same bytes relayed at the same moments, the same usage
+    if not strip:
+        assert fast[0] == pieces  # relayed unchanged and at once
+
+
+def test_sse_usage_plain_chunks_are_relayed_at_once() -> None:
+    sse = SSEUsage(strip_usage_chunk=True)
+    first = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    assert sse.feed(first) == first
+    usage = b"data: " + json.dumps(USAGE).encode() + b"\n\n"
+    assert sse.feed(first + usage + b"data: [DONE]\n\n") == first + b"data: [DONE]\n\n"
+    assert sse.tokens == 10
+    assert sse.flush() == b""
+
+
+BODIES = st.fixed_dictionaries(
+    {"model": st.text(max_size=8), "stream": st.just(True)},
+    optional={
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=20)}),
+            max_size=3,
+        ),
+        "temperature": st.floats(0, 2),
+        "stream_options": st.dictionaries(
+            st.sampled_from(["include_usage", "continuous_usage_stats"]), st.booleans()
+        ),
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(BODIES, st.sampled_from(["", " ", "\n  "]), st.booleans())
+def test_include_usage_splice_is_the_same_json(
+    body: dict[str, Any], lead: str, ascii_only: bool
+) -> None:
+    raw = (lead + json.dumps(body, ensure_ascii=ascii_only)).encode()
+    parsed = json.loads(raw)
+    had = "stream_options" in parsed
+    if not inject_include_usage("/v1/chat/completions", parsed):
+        return
+    out = encode_with_include_usage(raw, parsed, had_options=had)
+    assert json.loads(out) == parsed
+    assert json.loads(out)["stream_options"]["include_usage"] is True
+
+
+async def _stream(c: Any, headers: dict[str, str]) -> str:
+    async with c.client.stream(
+        "POST", "/v1/chat/completions", json=chat(stream=True), headers=headers
+    ) as resp:
+        assert resp.status_code == 200
+        return (await resp.aread()).decode()
+
+
+async def test_first_byte_deadline_does_not_cut_the_body(
+    start_concur: Start, fake: FakeVLLM
+) -> None:
+    # Chunks 0.3 s apart: longer than the first-byte timeout, shorter than the read timeout.
+    c = await start_concur(**{"upstream.first_byte_timeout": 0.2, "upstream.read_timeout": 2.0})
+    body = await _stream(c, {AGENT: "fb", "X-Fake-Delay": "0.3", "X-Fake-Tokens": "3", **DONE})
+    events = sse_events(body)
+    assert events[-1] == "[DONE]"
+    contents = [
+        e for e in sse_json(body) if e["choices"] and e["choices"][0]["delta"].get("content")
+    ]
+    assert len(contents) == 3
+    assert fake.cancelled == []
+
+
+async def test_read_deadline_rearms_while_chunks_keep_coming(
+    start_concur: Start, fake: FakeVLLM
+) -> None:
+    # Each gap (0.2 s) is within the read timeout (0.5 s); the stream as a whole is not.
+    c = await start_concur(**{"upstream.first_byte_timeout": 5.0, "upstream.read_timeout": 0.5})
+    body = await _stream(c, {AGENT: "ra", "X-Fake-Delay": "0.2", "X-Fake-Tokens": "5", **DONE})
+    assert sse_events(body)[-1] == "[DONE]"
+    assert fake.cancelled == []
