@@ -95,6 +95,10 @@ def register(sub: Any) -> None:
     info.add_argument("--format", default=None, help="input format if not native")
     info.set_defaults(func=cmd_info)
 
+    from concur.sim.compare import register_compare
+
+    register_compare(s)
+
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()

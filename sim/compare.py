@@ -148,9 +148,9 @@ def run_timed(job: Job) -> EngineRun:
 
 def _warm_up() -> None:
     """Worker initializer: import vLLM before the first timed job."""
-    from concur.sim.vllm_engine import _import_vllm
+    from concur.sim.vllm_engine import import_vllm
 
-    _import_vllm()
+    import_vllm()
 
 
 ProgressFn = Callable[[str, str, EngineRun], None]

@@ -50,7 +50,14 @@ from concur.sim.engine_config import EngineSpec
 from concur.sim.scheduler import FinishedRequest
 from concur.sim.steptime import get_model
 
-__all__ = ["MODEL_SHAPES", "ModelShape", "TokenIds", "VllmEngine", "model_config_json"]
+__all__ = [
+    "MODEL_SHAPES",
+    "ModelShape",
+    "TokenIds",
+    "VllmEngine",
+    "import_vllm",
+    "model_config_json",
+]
 
 _ENV_DEFAULTS = {
     "VLLM_TARGET_DEVICE": "cpu",
@@ -248,7 +255,7 @@ class _Counters:
 # ----------------------------------------------------------------------- engine
 
 
-def _import_vllm() -> Any:
+def import_vllm() -> Any:
     """vLLM's modules the engine uses, imported with the CPU/offline defaults."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -328,7 +335,7 @@ class VllmEngine:
         self.spec = spec
         self.config: EngineConfig = spec.build()
         cfg = self.config
-        self._v = v = _import_vllm()
+        self._v = v = import_vllm()
         self.block_size = cfg.block_size
         self.num_blocks = cfg.num_blocks
         # vLLM refuses a max_model_len the KV cache cannot hold; so does the runner.
