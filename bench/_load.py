@@ -152,9 +152,13 @@ async def run_case(
     warmup: float,
     duration: float,
     client_kind: str,
-    tag: str,
+    agents: str = "agent",
 ) -> Sample:
     """``clients`` workers stream back to back for ``warmup + duration`` s; measure the window.
+
+    Worker ``i`` is agent ``<agents>-<i>`` in every case, so a run has at most as many
+    agents as its largest client count: they are admitted once and keep their slots
+    (they never say they are done), as long-running agents do.
 
     Streams that end inside the window count towards the rate; streams that start
     inside it give the time-to-first-byte sample. CPU is read from /proc at the
@@ -166,7 +170,7 @@ async def run_case(
     stop = False
 
     async def worker(i: int) -> None:
-        headers = {**JSON_HEADERS, AGENT_HEADER: f"{tag}-{i}"}
+        headers = {**JSON_HEADERS, AGENT_HEADER: f"{agents}-{i}"}
         while not stop:
             t0 = time.perf_counter()
             try:
@@ -183,7 +187,11 @@ async def run_case(
         cpu0 = proxy.cpu() if proxy else 0.0
         up0, me0 = upstream.cpu(), _self_cpu()
         w0 = time.perf_counter()
+        if proxy:
+            proxy.profile(True)
         await asyncio.sleep(duration)
+        if proxy:
+            proxy.profile(False)
         w1 = time.perf_counter()
         cpu1 = proxy.cpu() if proxy else 0.0
         up1, me1 = upstream.cpu(), _self_cpu()

@@ -67,6 +67,8 @@ class Proc:
     ready_path: str = "/health"
     log_path: Path | None = None
     env: dict[str, str] | None = None
+    profiled: bool = False
+    """Runs under ``_profiled.py`` with PROFILE_ON_SIGNAL: :meth:`profile` switches it."""
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -76,11 +78,20 @@ class Proc:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the process and wait until ``ready_path`` answers 200."""
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, **(self.env or {})}
-        self.popen = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        if self.log_path is None:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        else:
+            with open(self.log_path, "wb") as out:  # the child keeps its own descriptor
+                self.popen = subprocess.Popen(
+                    self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
@@ -101,6 +112,11 @@ class Proc:
                     f"log: {self.log_path or '(not kept)'}"
                 )
             time.sleep(0.1)
+
+    def profile(self, on: bool) -> None:
+        """Start (or stop) recording the profile of a :attr:`profiled` process."""
+        if self.profiled:
+            os.kill(self.pid, signal.SIGUSR1 if on else signal.SIGUSR2)
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)

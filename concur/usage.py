@@ -27,6 +27,8 @@ reports usage in its ``response.completed`` event)."""
 
 _TEXT_KEYS = ("text", "content", "input", "output", "arguments", "refusal")
 _MAPPINGS = (dict, Mapping)  # dict first: parsed JSON is made of dicts, checked fast
+_PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+"""A message with only these keys and string content counts exactly its content."""
 
 
 def _text_chars(value: object) -> int:
@@ -42,7 +44,14 @@ def _text_chars(value: object) -> int:
             return len(value) * CHARS_PER_TOKEN  # a pre-tokenized prompt: one token each
         total = 0
         for v in value:
-            total += _text_chars(v)
+            if (
+                type(v) is dict
+                and type(content := v.get("content")) is str
+                and v.keys() <= _PLAIN_MESSAGE_KEYS
+            ):
+                total += len(content)  # the common chat message, without a call
+            else:
+                total += _text_chars(v)
         return total
     if isinstance(value, _MAPPINGS):
         total = 0

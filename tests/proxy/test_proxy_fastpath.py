@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from concur.usage import (
     SSEUsage,
     encode_with_include_usage,
+    estimate_prompt_tokens,
     inject_include_usage,
     usage_from_object,
 )
@@ -193,6 +194,53 @@ def test_include_usage_splice_is_the_same_json(
     out = encode_with_include_usage(raw, parsed, had_options=had)
     assert json.loads(out) == parsed
     assert json.loads(out)["stream_options"]["include_usage"] is True
+
+
+def _reference_chars(value: object) -> int:
+    """The estimate's character count as first written, the specification of the fast one."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return len(value) * 4
+        return sum(_reference_chars(v) for v in value)
+    if isinstance(value, Mapping):
+        total = 0
+        for key in ("text", "content", "input", "output", "arguments", "refusal"):
+            if key in value:
+                total += _reference_chars(value[key])
+        calls = value.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, Mapping) else None
+                if isinstance(fn, Mapping):
+                    total += _reference_chars(fn.get("arguments")) + _reference_chars(
+                        fn.get("name")
+                    )
+        return total
+    return 0
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["role", "content", "name", "text", "tool_calls", "function", "x"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(JSON_VALUES, max_size=4), JSON_VALUES)
+def test_prompt_estimate_matches_reference(messages: list[Any], prompt: Any) -> None:
+    body = {"messages": messages, "prompt": prompt}
+    chars = _reference_chars(messages) + _reference_chars(prompt)
+    assert estimate_prompt_tokens(body) == (chars + 3) // 4
 
 
 async def _stream(c: Any, headers: dict[str, str]) -> str:
