@@ -278,7 +278,9 @@ def _validation_error(source: str, line: int | None, exc: ValidationError) -> Tr
 # --------------------------------------------------------------------------- reading
 
 
-def _parse_agent(source: str, number: int, text: str) -> AgentTrace:
+def json_object_line(source: str, number: int, text: str, what: str = "") -> dict[str, Any]:
+    """Line ``number`` of a JSONL file parsed as one JSON object (``what`` says what
+    it stands for, in the error), or a :class:`TraceError` naming the line."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -286,9 +288,13 @@ def _parse_agent(source: str, number: int, text: str) -> AgentTrace:
             source, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number
         ) from None
     if not isinstance(obj, dict):
-        raise TraceError(
-            source, f"must be a JSON object (one agent), got {type(obj).__name__}", line=number
-        )
+        kind = f"a JSON object ({what})" if what else "a JSON object"
+        raise TraceError(source, f"must be {kind}, got {type(obj).__name__}", line=number)
+    return obj
+
+
+def _parse_agent(source: str, number: int, text: str) -> AgentTrace:
+    obj = json_object_line(source, number, text, "one agent")
     try:
         return AgentTrace.model_validate(obj)
     except ValidationError as exc:

@@ -12,14 +12,13 @@ ahead of the record by at most that shortfall until a later prompt catches up.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from concur.sim.trace import Step, TraceError
+from concur.sim.trace import Step, TraceError, json_object_line
 
 __all__ = [
     "PrefixTrie",
@@ -157,17 +156,7 @@ def iter_json_objects(lines: Iterable[str], source: str) -> Iterator[Record]:
         text = raw.strip()
         if not text:
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TraceError(
-                source, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number
-            ) from None
-        if not isinstance(obj, dict):
-            raise TraceError(
-                source, f"must be a JSON object, got {type(obj).__name__}", line=number
-            )
-        yield Record(source, number, obj)
+        yield Record(source, number, json_object_line(source, number, text))
 
 
 @dataclass(frozen=True, slots=True)
