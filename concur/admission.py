@@ -485,21 +485,30 @@ class AdmissionGate:
         in the admission queue), :class:`AgentEnded` or :class:`GateClosed`.
         Cancellation while waiting leaves no trace in the gate.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        ticket = self.submit(agent_id, context_tokens=context_tokens, priority=priority, done=done)
+        if ticket.granted:  # the usual step of an admitted agent: nothing to wait for
+            return ticket
+        # Not resolved yet, and nothing can resolve it before this callback is set.
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def wake(_: Ticket) -> None:
             if not fut.done():
                 fut.set_result(None)
 
-        ticket = self.submit(
-            agent_id, context_tokens=context_tokens, priority=priority, done=done, on_resolve=wake
-        )
-        if ticket.granted:
-            return ticket
+        ticket.on_resolve = wake
         timeout = self.max_queue_wait if (ticket.new_agent or ticket.held) else None
+        # One timer handle rather than asyncio.wait_for's task machinery: a thousand
+        # queued requests each keep what they wait with.
+        deadline: asyncio.TimerHandle | None = None
+        if timeout is not None:
+
+            def expire() -> None:
+                if not fut.done():
+                    fut.set_exception(TimeoutError())
+
+            deadline = asyncio.get_running_loop().call_later(timeout, expire)
         try:
-            await asyncio.wait_for(fut, timeout)
+            await fut
         except TimeoutError:
             if ticket.granted:
                 return ticket
@@ -510,6 +519,9 @@ class AdmissionGate:
         except BaseException:
             self.abandon(ticket)
             raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
         if ticket.status is TicketStatus.REJECTED:
             assert ticket.error is not None
             raise ticket.error

@@ -153,7 +153,9 @@ class Runtime:
         self.poller = poller if poller is not None else make_poller(settings, clock)
         self.options = proxy_options(settings)
         self.session: aiohttp.ClientSession | None = None
-        self.proxy: Proxy | None = None
+        # Built now so the application can route to its handler directly; it gets its
+        # upstream session (which needs the running loop) in start().
+        self.proxy = Proxy(self.options, self.gate, self.metrics)
         self.started_at = clock()
         self._control_task: asyncio.Task[None] | None = None
         self.shutting_down = False
@@ -161,8 +163,7 @@ class Runtime:
     # ----------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.session = make_session(self.options)
-        self.proxy = Proxy(self.options, self.gate, self.metrics, self.session)
+        self.session = self.proxy.session = make_session(self.options)
         self.poller.start()
         self._control_task = asyncio.create_task(self._control_loop(), name="concur-control")
         logs.event(
@@ -182,7 +183,7 @@ class Runtime:
         logs.event(
             log,
             "draining",
-            in_flight=self.proxy.in_flight if self.proxy else 0,
+            in_flight=self.proxy.in_flight,
             queued=self.gate.queued,
             drain_timeout=self.settings.server.drain_timeout,
         )
@@ -263,7 +264,7 @@ class Runtime:
             "paused": view.paused,
             "queued": view.queued,
             "held": view.held,
-            "in_flight": self.proxy.in_flight if self.proxy else 0,
+            "in_flight": self.proxy.in_flight,
             "live_tokens": view.live_tokens,
             "pressure": last.decision.pressure if last else None,
             "pressure_parts": dict(last.decision.parts) if last else {},
@@ -491,12 +492,6 @@ async def _reserved(request: web.Request) -> web.Response:
     )
 
 
-async def _proxy(request: web.Request) -> web.StreamResponse:
-    proxy = request.app[RUNTIME].proxy
-    assert proxy is not None, "runtime not started"
-    return await proxy.handle(request)
-
-
 def build_app(
     settings: Settings, *, clock: Clock = time.monotonic, poller: Poller | None = None
 ) -> web.Application:
@@ -534,7 +529,7 @@ def build_app(
     r.add_get("/metrics", _metrics)
     r.add_get("/healthz", _healthz)
     r.add_get("/readyz", _readyz)
-    r.add_route("*", "/{tail:.*}", _proxy)
+    r.add_route("*", "/{tail:.*}", runtime.proxy.handle)
     return app
 
 

@@ -67,6 +67,9 @@ def _has_control(value: str) -> bool:
 
 def validate(value: str, source: IdentitySource, max_bytes: int) -> str:
     """Return ``value`` if it is a usable agent id, else raise :class:`IdentityError`."""
+    if len(value) <= max_bytes and value.isascii() and value.isprintable():
+        # The usual id: printable ASCII (no control character) of one byte per character.
+        return value
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise IdentityError(

@@ -108,26 +108,32 @@ class ConcurMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        for outcome in ADMISSION_OUTCOMES:
-            self.admissions.labels(outcome)
-        for event in AGENT_EVENTS:
-            self.agent_events.labels(event)
+        # Labelled children looked up once: ``labels()`` costs more than the update itself.
+        self._admission_children = {o: self.admissions.labels(o) for o in ADMISSION_OUTCOMES}
+        self._event_children = {e: self.agent_events.labels(e) for e in AGENT_EVENTS}
         for direction in ("up", "down"):
             self.window_changes.labels(direction)
+        self._upstream_children: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- events
 
     def on_gate_event(self, event: GateEvent) -> None:
-        if event.kind in ADMISSION_OUTCOMES:
-            self.admissions.labels(event.kind).inc()
+        child = self._admission_children.get(event.kind)
+        if child is not None:
+            child.inc()
             if event.kind == "admitted" and event.waited is not None:
                 self.queue_wait.observe(max(0.0, event.waited))
-        elif event.kind in AGENT_EVENTS:
-            self.agent_events.labels(event.kind).inc()
+        else:
+            child = self._event_children.get(event.kind)
+            if child is not None:
+                child.inc()
 
     def on_admission(self, outcome: str) -> None:
         """An outcome the gate does not emit itself (``closed``, ``bypassed``)."""
-        self.admissions.labels(outcome).inc()
+        child = self._admission_children.get(outcome)
+        if child is None:
+            child = self.admissions.labels(outcome)
+        child.inc()
 
     def on_tick(self, record: TickRecord) -> None:
         direction = window_direction(record.window_before, record.decision.window)
@@ -135,7 +141,11 @@ class ConcurMetrics:
             self.window_changes.labels(direction).inc()
 
     def on_upstream(self, code: str, latency: float | None) -> None:
-        self.upstream_requests.labels(code).inc()
+        child = self._upstream_children.get(code)
+        if child is None:
+            # Codes are HTTP statuses and a few words: a bounded set of children.
+            child = self._upstream_children[code] = self.upstream_requests.labels(code)
+        child.inc()
         if latency is not None:
             self.upstream_latency.observe(latency)
 

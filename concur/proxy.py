@@ -80,6 +80,7 @@ _RESPONSE_SKIP_STRIPPED = HOP_BY_HOP | {"content-length"}
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _MAX_USAGE_BODY = 4 << 20
 REQUEST_ID_HEADER = "X-Concur-Request-Id"
+_MAX_CACHED_TARGETS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,23 @@ def _skipped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[
 
 
 def _filtered(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> CIMultiDict[str]:
-    """A copy of ``headers`` without the names in ``skip`` and without ``Proxy-*``."""
+    """A copy of ``headers`` without the names in ``skip`` and without ``Proxy-*``.
+
+    ``skip`` holds lower-case names. Usually no name contains ``proxy-`` at all: then
+    the copy and the removals are done by multidict in C (its keys compare without
+    case, as ``name.lower()`` does for the ASCII names HTTP allows); otherwise each
+    header is checked as in :func:`_filtered_each`, the specification of this one.
+    """
+    if "proxy-" in ",".join(headers.keys()).lower():
+        return _filtered_each(headers, skip)
+    out = CIMultiDict(headers)
+    for name in headers.keys() & skip:
+        out.popall(name, None)
+    return out
+
+
+def _filtered_each(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> CIMultiDict[str]:
+    """:func:`_filtered`, header by header."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
@@ -169,19 +186,26 @@ class _UpstreamTimer:
     chunks: the relay loop stamps :attr:`since` before each read and clears it after,
     and the timer, re-armed only when it fires early (not per chunk), fails the body
     stream with :class:`UpstreamReadTimeout` once a read has waited too long. Time
-    spent writing to a slow client is not silence. The first-byte handle is kept for
-    the body phase when it is due no later than the first read deadline could be.
+    spent writing to a slow client is not silence.
+
+    One handle serves the whole request: it is first armed at the earlier of the
+    first-byte deadline and ``read`` seconds from the start, which is never later than
+    the first read deadline can be, so it is kept when the headers arrive. Firing
+    before the headers and before the first-byte deadline (a wait longer than
+    ``read``), it re-arms for that deadline.
     """
 
     __slots__ = (
         "_body",
         "_cancelling",
+        "_deadline",
         "_expired",
         "_handle",
         "_loop",
         "_read",
         "_stream",
         "_task",
+        "_when",
         "since",
     )
 
@@ -196,13 +220,17 @@ class _UpstreamTimer:
         self._expired = False
         self._handle: asyncio.TimerHandle | None = None
         self._stream: aiohttp.StreamReader | None = None
+        self._deadline = math.inf
+        self._when = math.inf
         self.since: float | None = None
         if first_byte is not None:
             self._task = asyncio.current_task(loop)
             if self._task is None:
                 raise RuntimeError("_UpstreamTimer must be created inside a task")
             self._cancelling = self._task.cancelling()
-            self._handle = loop.call_at(loop.time() + first_byte, self._fire)
+            now = loop.time()
+            self._deadline = now + first_byte
+            self._arm(now + read if read is not None and read < first_byte else self._deadline)
 
     def failed(self, cancelled: bool) -> bool:
         """No response: stop the timer; True when the first-byte deadline cancelled the task."""
@@ -216,16 +244,18 @@ class _UpstreamTimer:
         self._stream = stream
         if self._read is None:
             self.cancel()
-            return
-        due = self._loop.time() + self._read
-        if self._handle is None or self._handle.when() > due:
-            self.cancel()
-            self._handle = self._loop.call_at(due, self._fire)
+        elif self._handle is None:
+            self._arm(self._loop.time() + self._read)
+        # else: the handle is due no later than now + read (see the class docstring).
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def _arm(self, when: float) -> None:
+        self._when = when
+        self._handle = self._loop.call_at(when, self._fire)
 
     def _uncancel(self) -> bool:
         """Undo the first-byte deadline's cancel; True if it was the only one pending."""
@@ -238,6 +268,9 @@ class _UpstreamTimer:
     def _fire(self) -> None:
         self._handle = None
         if not self._body:
+            if self._when < self._deadline:
+                self._arm(self._deadline)  # armed for an early read deadline: not yet
+                return
             self._expired = True
             assert self._task is not None
             self._task.cancel()
@@ -252,8 +285,7 @@ class _UpstreamTimer:
                 )
             )
             return
-        due = now + self._read if since is None else since + self._read
-        self._handle = self._loop.call_at(due, self._fire)
+        self._arm(now + self._read if since is None else since + self._read)
 
 
 def _is_json(content_type: str) -> bool:
@@ -310,12 +342,13 @@ class Proxy:
         options: ProxyOptions,
         gate: AdmissionGate,
         metrics: ConcurMetrics,
-        session: aiohttp.ClientSession,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.options = options
         self.gate = gate
         self.metrics = metrics
         self.session = session
+        """The upstream client; may be set after construction, before the first request."""
         self.identity = IdentityExtractor(options.identity, options.max_identity_bytes)
         up = URL(options.upstream)
         if up.scheme not in ("http", "https") or not up.host:
@@ -329,6 +362,7 @@ class Proxy:
             self._auth = "Basic " + base64.b64encode(pair).decode("ascii")
         self.in_flight = 0
         self._request_id = RequestIds()
+        self._targets: dict[str, URL] = {}
 
     # --------------------------------------------------------------- entry
 
@@ -336,60 +370,69 @@ class Proxy:
         rid = self._request_id()
         self.in_flight += 1
         try:
-            return await self._handle(request, rid)
+            try:
+                body = await self._read_body(request)
+            except _BodyTooLarge:
+                return self._too_large(rid)
+            path = request.rel_url.path
+            if request.method != "POST" or path.rstrip("/") not in self.options.gated_paths:
+                return await self._forward(request, rid, body, None, _Step())
+            try:
+                step, body = self._inspect(request, path.rstrip("/"), body, rid)
+            except IdentityError as exc:
+                logs.event(log, "request_rejected", request_id=rid, status=400, reason="identity")
+                return openai_error(
+                    400, str(exc), type_="invalid_request_error", code="invalid_agent_identity"
+                )
+            if step.agent_id is None:
+                self.metrics.on_admission("bypassed")
+                return await self._forward(request, rid, body, None, step)
+            try:
+                ticket = await self.gate.acquire(
+                    step.agent_id, context_tokens=step.context_tokens, done=step.done
+                )
+            except AdmissionError as exc:
+                return self._refuse(exc, step, rid)
+            try:  # what gate.permit() does, without a generator-based context manager
+                return await self._forward(request, rid, body, ticket, step)
+            finally:
+                self.gate.finish(ticket)
         finally:
             self.in_flight -= 1
 
-    async def _handle(self, request: web.Request, rid: str) -> web.StreamResponse:
-        try:
-            body = await self._read_body(request)
-        except _BodyTooLarge:
-            logs.event(log, "request_rejected", request_id=rid, status=413, reason="body_too_large")
-            resp = openai_error(
-                413,
-                f"request body is larger than {self.options.max_body_bytes} bytes "
-                "(server.max_body_bytes)",
-                type_="invalid_request_error",
-                code="request_too_large",
-            )
-            resp.force_close()
-            return resp
-
-        path = request.rel_url.path
-        gated = request.method == "POST" and path.rstrip("/") in self.options.gated_paths
-        if not gated:
-            return await self._forward(request, rid, body, None, _Step())
-        try:
-            step, body = self._inspect(request, path.rstrip("/"), body, rid)
-        except IdentityError as exc:
-            logs.event(log, "request_rejected", request_id=rid, status=400, reason="identity")
-            return openai_error(
-                400, str(exc), type_="invalid_request_error", code="invalid_agent_identity"
-            )
-        if step.agent_id is None:
-            self.metrics.on_admission("bypassed")
-            return await self._forward(request, rid, body, None, step)
-        try:
-            ticket = await self.gate.acquire(
-                step.agent_id, context_tokens=step.context_tokens, done=step.done
-            )
-        except AdmissionError as exc:
-            return self._refuse(exc, step, rid)
-        try:  # what gate.permit() does, without a generator-based context manager
-            return await self._forward(request, rid, body, ticket, step)
-        finally:
-            self.gate.finish(ticket)
+    def _too_large(self, rid: str) -> web.Response:
+        logs.event(log, "request_rejected", request_id=rid, status=413, reason="body_too_large")
+        resp = openai_error(
+            413,
+            f"request body is larger than {self.options.max_body_bytes} bytes "
+            "(server.max_body_bytes)",
+            type_="invalid_request_error",
+            code="request_too_large",
+        )
+        resp.force_close()
+        return resp
 
     # ------------------------------------------------------------ admission
 
     def _inspect(
         self, request: web.Request, path: str, body: bytes, rid: str
     ) -> tuple[_Step, bytes]:
+        """The step's agent, done flag and prompt estimate; the body to send upstream.
+
+        The body is parsed only when it is JSON and an identity source reads it or the
+        request may stream (stream_options injection); else the estimate comes from
+        its size. Nothing of the parsed body outlives this call: a request held at the
+        gate keeps only the bytes it will send.
+        """
+        headers = request.headers
         parsed: dict[str, Any] | None = None
-        # Parse only a JSON body, and only when an identity source reads it or the
-        # request may stream (stream_options injection); else estimate from its size.
-        wanted = self.identity.needs_body or b'"stream"' in body
-        if body and wanted and _is_json(request.content_type):
+        if (
+            body
+            and (self.identity.needs_body or b'"stream"' in body)
+            and (
+                headers.get("Content-Type") == "application/json" or _is_json(request.content_type)
+            )
+        ):
             try:
                 obj = loads(body)
             except (ValueError, RecursionError):  # RecursionError: nested absurdly deep
@@ -397,25 +440,28 @@ class Proxy:
             if isinstance(obj, dict):
                 parsed = obj
         step = _Step()
-        found = self.identity.extract(request.headers, parsed)
+        found = self.identity.extract(headers, parsed)
         if found is not None:
             step.agent_id = found[0]
         elif self.options.anonymous == "gate":
             step.agent_id = f"anon-{rid}"
             step.anonymous = True
-        step.done = step.anonymous or (
-            request.headers.get(self.options.done_header, "").strip().lower() in _TRUE
-        )
+        if step.anonymous:
+            step.done = True
+        else:
+            done = headers.get(self.options.done_header)
+            step.done = done is not None and done.strip().lower() in _TRUE
         step.context_tokens = len(body) // 4
-        if parsed is not None:
-            try:
-                step.context_tokens = estimate_prompt_tokens(parsed)
-                had_options = "stream_options" in parsed
-                if step.agent_id is not None and inject_include_usage(path, parsed):
-                    body = encode_with_include_usage(body, parsed, had_options=had_options)
-                    step.strip_usage = True
-            except RecursionError:  # too deep to walk or re-encode: forward it as it came
-                pass
+        if parsed is None:
+            return step, body
+        try:
+            step.context_tokens = estimate_prompt_tokens(parsed)
+            had_options = "stream_options" in parsed
+            if step.agent_id is not None and inject_include_usage(path, parsed):
+                body = encode_with_include_usage(body, parsed, had_options=had_options)
+                step.strip_usage = True
+        except RecursionError:  # too deep to walk or re-encode: forward it as it came
+            pass
         return step, body
 
     def _refuse(self, exc: AdmissionError, step: _Step, rid: str) -> web.Response:
@@ -467,10 +513,19 @@ class Proxy:
         Only the path and query come from the client (an absolute-form request
         target's host is ignored), so no request can point the proxy elsewhere.
         """
-        rel = request.rel_url
-        path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
-        query = rel.raw_query_string
-        return URL(self._origin + self._base + path + ("?" + query if query else ""), encoded=True)
+        # A function of the request target alone, and agents send the same few: cached.
+        target = request.raw_path
+        url = self._targets.get(target)
+        if url is None:
+            rel = request.rel_url
+            path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
+            query = rel.raw_query_string
+            raw = self._origin + self._base + path + ("?" + query if query else "")
+            url = URL(raw, encoded=True)
+            if len(self._targets) >= _MAX_CACHED_TARGETS:
+                self._targets.clear()
+            self._targets[target] = url
+        return url
 
     def upstream_headers(self, request: web.Request, step: _Step) -> CIMultiDict[str]:
         out = _filtered(request.headers, _skipped(request.headers, _REQUEST_SKIP))
@@ -493,11 +548,13 @@ class Proxy:
         step: _Step,
     ) -> web.StreamResponse:
         opts = self.options
+        session = self.session
+        assert session is not None, "Proxy.session is not set"
         loop = asyncio.get_running_loop()
         started = loop.time()
         timer = _UpstreamTimer(loop, opts.first_byte_timeout, opts.read_timeout)
         try:
-            up = await self.session.request(
+            up = await session.request(
                 request.method,
                 self.target_url(request),
                 headers=self.upstream_headers(request, step),

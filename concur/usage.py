@@ -13,7 +13,7 @@ sees exactly the events it asked for.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 CHARS_PER_TOKEN = 4
@@ -110,14 +110,29 @@ def usage_from_object(obj: object) -> int | None:
     return found
 
 
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_JSON_WHITESPACE = " \t\n\r"
+
+
 def loads(data: bytes) -> Any:
     """``json.loads(data)``, skipping its encoding detection for the usual UTF-8 object.
 
     ``json.loads`` reads bytes starting ``{`` and a non-NUL byte as UTF-8 (with
-    ``surrogatepass``); such bytes are decoded here directly. Raises ``ValueError``.
+    ``surrogatepass``); such bytes are decoded here directly and handed to the
+    decoder's C scanner, which is what ``json.loads`` ends up calling, without its
+    two whitespace regex matches. Whatever that path does not accept whole (an error,
+    trailing data) goes through ``json.loads``, for the same result or the same
+    ``ValueError``.
     """
     if data[:1] == b"{" and data[1:2] != b"\x00":
-        return json.loads(data.decode("utf-8", "surrogatepass"))
+        text = data.decode("utf-8", "surrogatepass")
+        try:
+            obj, end = _scan_once(text, 0)
+        except StopIteration:
+            return json.loads(text)  # raises its JSONDecodeError
+        if end == len(text) or not text[end:].strip(_JSON_WHITESPACE):
+            return obj
+        return json.loads(text)
     return json.loads(data)
 
 
@@ -136,6 +151,7 @@ def usage_from_json(body: bytes) -> int | None:
 
 
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+_OPEN_INCLUDE_USAGE = b"{" + _INCLUDE_USAGE
 
 
 def encode_with_include_usage(raw: bytes, body: Mapping[str, Any], *, had_options: bool) -> bytes:
@@ -145,10 +161,12 @@ def encode_with_include_usage(raw: bytes, body: Mapping[str, Any], *, had_option
     the client's own bytes (a UTF-8 JSON object), which leaves every other byte as
     the client wrote it and skips re-serializing; otherwise ``body`` is re-encoded.
     """
-    if not had_options:
+    if not had_options and body:
+        # ``body`` is non-empty, so a member follows and the comma is right.
+        if raw[:1] == b"{":  # the usual case: no leading whitespace, one copy of the body
+            return b"".join((_OPEN_INCLUDE_USAGE, memoryview(raw)[1:]))
         start = len(raw) - len(raw.lstrip(b" \t\r\n"))
-        if raw[start : start + 1] == b"{" and body:
-            # ``body`` is non-empty, so a member follows and the comma is right.
+        if raw[start : start + 1] == b"{":
             return raw[: start + 1] + _INCLUDE_USAGE + raw[start + 1 :]
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -230,6 +248,16 @@ class SSEUsage:
         self._overflow = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if (
+            not self._buf
+            and b"usage" not in chunk
+            and chunk.endswith(b"\n\n")
+            and not chunk.endswith(b"\n\n\n")
+            and b"\r" not in chunk
+        ):
+            # Whole plain events without usage (nearly every chunk): relayed as they
+            # are, nothing to inspect or keep (what _split_clean would find, cheaply).
+            return chunk
         if not chunk:
             return b""
         if self._overflow:

@@ -4,9 +4,12 @@
 :func:`concur.usage.encode_with_include_usage` splices ``stream_options`` into the
 client's bytes; both are checked here against reference implementations (the
 event-by-event splitter the proxy used before, and ``json.dumps``) on generated
-streams and bodies, cut into chunks at arbitrary points. The proxy keeps one timer
-per request for the first-byte and between-chunks timeouts instead of a timeout
-around every read; the last tests check that a slow but steady stream survives it.
+streams and bodies, cut into chunks at arbitrary points. So are the cheaper ways to
+parse a JSON body (:func:`concur.usage.loads` vs ``json.loads``), to validate an agent
+id, to filter hop-by-hop headers and to build the upstream URL. The proxy keeps one
+timer per request for the first-byte and between-chunks timeouts instead of a timeout
+around every read; the last tests check that a slow but steady stream survives it, and
+that a read timeout shorter than the first-byte one does not cut the wait for headers.
 """
 
 from __future__ import annotations
@@ -16,16 +19,33 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
+from aiohttp.test_utils import make_mocked_request
 from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, Start, chat, sse_events, sse_json
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from concur.admission import AdmissionGate
+from concur.identity import IdentityError, IdentitySource, validate
+from concur.metrics import ConcurMetrics
+from concur.proxy import (
+    _REQUEST_SKIP,
+    HOP_BY_HOP,
+    Proxy,
+    ProxyOptions,
+    _filtered,
+    _filtered_each,
+    _skipped,
+)
 from concur.usage import (
     SSEUsage,
     encode_with_include_usage,
     estimate_prompt_tokens,
     inject_include_usage,
+    loads,
     usage_from_object,
 )
 
@@ -243,6 +263,139 @@ def test_prompt_estimate_matches_reference(messages: list[Any], prompt: Any) -> 
     assert estimate_prompt_tokens(body) == (chars + 3) // 4
 
 
+# ------------------------------------------------------------------ JSON bodies
+
+
+JSON_TEXTS = st.one_of(
+    st.builds(
+        json.dumps,
+        st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=4),
+        ensure_ascii=st.booleans(),
+    ),
+    st.text(alphabet='{}[]":,0123456789 \t\n\rabtrue\\u', max_size=24),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_TEXTS, st.sampled_from(["", " ", "\n", " \t\r\n", "x", " }", "\x0b", "{}"]))
+def test_loads_is_json_loads(text: str, tail: str) -> None:
+    raw = (text + tail).encode("utf-8", "surrogatepass")
+    try:
+        expected: Any = json.loads(raw)
+    except ValueError as exc:
+        expected = (type(exc), str(exc))
+    try:
+        got: Any = loads(raw)
+    except ValueError as exc:
+        got = (type(exc), str(exc))
+    assert got == expected
+
+
+# ------------------------------------------------------------------ agent ids
+
+
+def _reference_validate(value: str, source: IdentitySource, max_bytes: int) -> str:
+    """The identity check as first written: UTF-8 size, then no control characters."""
+    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise IdentityError("too long")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        raise IdentityError("control characters")
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12), st.integers(1, 12))
+def test_identity_fast_check_is_the_full_one(value: str, max_bytes: int) -> None:
+    source = IdentitySource("header", "X-Concur-Agent-Id")
+    try:
+        expected: Any = _reference_validate(value, source, max_bytes)
+    except IdentityError:
+        expected = IdentityError
+    try:
+        got: Any = validate(value, source, max_bytes)
+    except IdentityError:
+        got = IdentityError
+    assert got == expected
+
+
+# --------------------------------------------------------------------- headers
+
+HEADER_NAMES = st.sampled_from(
+    [
+        "Host",
+        "host",
+        "Content-Type",
+        "Content-Length",
+        "Connection",
+        "Keep-Alive",
+        "TE",
+        "Transfer-Encoding",
+        "Proxy-Authorization",
+        "proxy-connection",
+        "Proxy-Foo",
+        "X-Proxy-Id",
+        "X-Forwarded-For",
+        "Authorization",
+        "X-Concur-Agent-Id",
+        "X-Custom",
+        "x-custom",
+        "Upgrade",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(HEADER_NAMES, st.sampled_from(["", "1", "x-custom, Close", "a b"]))),
+    st.sampled_from([_REQUEST_SKIP, HOP_BY_HOP, frozenset()]),
+)
+def test_header_filter_is_the_header_by_header_one(
+    pairs: list[tuple[str, str]], base: frozenset[str]
+) -> None:
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    skip = _skipped(headers, base)
+    fast, each = _filtered(headers, skip), _filtered_each(headers, skip)
+    assert list(fast.items()) == list(each.items())  # the same headers in the same order
+
+
+# ------------------------------------------------------------------ target URL
+
+
+def _proxy(upstream: str) -> Proxy:
+    gate = AdmissionGate(clock=lambda: 0.0)
+    return Proxy(ProxyOptions(upstream=upstream), gate, ConcurMetrics())
+
+
+@pytest.mark.parametrize("upstream", ["http://engine:8000", "http://u:p@engine/base/"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/chat/completions",
+        "/v1/chat/completions/",
+        "/v1/models?x=1&y=%2F",
+        "/a%2fb/../c",
+        "//evil.example/x",
+        "http://evil.example/v1/models?q=1",
+        "/",
+    ],
+)
+def test_target_url_cache_gives_the_computed_url(upstream: str, target: str) -> None:
+    proxy = _proxy(upstream)
+    request = make_mocked_request("GET", target)
+    rel = request.rel_url
+    path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
+    query = rel.raw_query_string
+    up = URL(upstream)
+    expected = str(up.origin()) + up.raw_path.rstrip("/") + path + ("?" + query if query else "")
+    first = proxy.target_url(request)
+    again = proxy.target_url(make_mocked_request("GET", target))
+    assert str(first) == str(again) == expected
+    assert first.host == "engine"
+
+
+# ------------------------------------------------------------------ timers
+
+
 async def _stream(c: Any, headers: dict[str, str]) -> str:
     async with c.client.stream(
         "POST", "/v1/chat/completions", json=chat(stream=True), headers=headers
@@ -274,3 +427,24 @@ async def test_read_deadline_rearms_while_chunks_keep_coming(
     body = await _stream(c, {AGENT: "ra", "X-Fake-Delay": "0.2", "X-Fake-Tokens": "5", **DONE})
     assert sse_events(body)[-1] == "[DONE]"
     assert fake.cancelled == []
+
+
+async def test_read_timeout_shorter_than_first_byte_does_not_cut_the_wait(
+    start_concur: Start, fake: FakeVLLM
+) -> None:
+    # Headers after 0.5 s: past the read timeout (0.2 s), within the first-byte one.
+    c = await start_concur(**{"upstream.first_byte_timeout": 5.0, "upstream.read_timeout": 0.2})
+    headers = {AGENT: "late", "X-Fake-Header-Delay": "0.5", "X-Fake-Tokens": "2", **DONE}
+    body = await _stream(c, headers)
+    assert sse_events(body)[-1] == "[DONE]"
+    assert fake.cancelled == []
+
+
+async def test_first_byte_deadline_holds_when_read_timeout_is_shorter(
+    start_concur: Start, fake: FakeVLLM
+) -> None:
+    c = await start_concur(**{"upstream.first_byte_timeout": 0.5, "upstream.read_timeout": 0.1})
+    headers = {AGENT: "never", "X-Fake-Header-Delay": "30", "X-Test-Id": "never", **DONE}
+    resp = await c.client.post("/v1/chat/completions", json=chat(stream=True), headers=headers)
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "upstream_timeout"
