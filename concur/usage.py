@@ -360,6 +360,12 @@ class SSEUsage:
             obj = loads(data)
         except ValueError:
             return False
+        if type(obj) is dict and type(usage := obj.get("usage")) is dict:
+            # The engines' usage chunk, read without the general walk below.
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if type(prompt) is int and type(completion) is int:
+                self.tokens = prompt + completion
+                return obj.get("choices") == []
         tokens = usage_from_object(obj)
         if tokens is None:
             return False

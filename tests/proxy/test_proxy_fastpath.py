@@ -6,7 +6,8 @@ client's bytes; both are checked here against reference implementations (the
 event-by-event splitter the proxy used before, and ``json.dumps``) on generated
 streams and bodies, cut into chunks at arbitrary points. So are the cheaper ways to
 parse a JSON body (:func:`concur.usage.loads` vs ``json.loads``), to validate an agent
-id, to filter hop-by-hop headers and to build the upstream URL. The proxy keeps one
+id, to filter hop-by-hop headers, to build the upstream URL and to count upstream
+requests for ``/metrics``. The proxy keeps one
 timer per request for the first-byte and between-chunks timeouts instead of a timeout
 around every read; the last tests check that a slow but steady stream survives it, and
 that a read timeout shorter than the first-byte one does not cut the wait for headers.
@@ -26,11 +27,13 @@ from fakes.harness import AGENT, DONE, Start, chat, sse_events, sse_json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
 from yarl import URL
 
 from concur.admission import AdmissionGate
 from concur.identity import IdentityError, IdentitySource, validate
-from concur.metrics import ConcurMetrics
+from concur.metrics import LATENCY_BUCKETS, ConcurMetrics, UpstreamStats
 from concur.proxy import (
     _REQUEST_SKIP,
     HOP_BY_HOP,
@@ -448,3 +451,40 @@ async def test_first_byte_deadline_holds_when_read_timeout_is_shorter(
     resp = await c.client.post("/v1/chat/completions", json=chat(stream=True), headers=headers)
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "upstream_timeout"
+
+
+# --------------------------------------------------------------------- metrics
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["200", "500", "error", "timeout", "cancelled"]),
+            st.none() | st.floats(0, 1000, allow_nan=False) | st.sampled_from(LATENCY_BUCKETS),
+        ),
+        max_size=30,
+    )
+)
+def test_upstream_stats_expose_what_counter_and_histogram_would(
+    events: list[tuple[str, float | None]],
+) -> None:
+    fast = CollectorRegistry()
+    stats = UpstreamStats()
+    fast.register(stats)
+    ref = CollectorRegistry()
+    counter = Counter(UpstreamStats.REQUESTS, UpstreamStats.REQUESTS_HELP, ["code"], registry=ref)
+    histogram = Histogram(
+        UpstreamStats.LATENCY, UpstreamStats.LATENCY_HELP, buckets=LATENCY_BUCKETS, registry=ref
+    )
+    for code, latency in events:
+        stats.observe(code, latency)
+        counter.labels(code).inc()
+        if latency is not None:
+            histogram.observe(latency)
+
+    def exposition(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert exposition(fast) == exposition(ref)
