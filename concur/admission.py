@@ -490,6 +490,15 @@ class AdmissionGate:
         ticket = self.submit(agent_id, context_tokens=context_tokens, priority=priority, done=done)
         if ticket.granted:  # the usual step of an admitted agent: nothing to wait for
             return ticket
+        return await self.wait(ticket)
+
+    async def wait(self, ticket: Ticket) -> Ticket:
+        """Wait for a ticket that :meth:`submit` left waiting; what :meth:`acquire` does next.
+
+        Raises and cleans up as :meth:`acquire` does. The ticket must not have an
+        ``on_resolve`` callback of its own.
+        """
+        agent_id = ticket.agent_id
         # Not resolved yet, and nothing can resolve it before this callback is set.
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

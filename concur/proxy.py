@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
 import itertools
 import logging
 import math
@@ -177,31 +178,88 @@ class UpstreamReadTimeout(TimeoutError):
     """The upstream sent nothing for ``upstream.read_timeout`` seconds mid-body."""
 
 
+class _Deadlines:
+    """The upstream deadlines of all in-flight requests, on one asyncio timer handle.
+
+    A heap of ``(when, seq, timer)`` (compared in C, unlike asyncio's timer handles)
+    and one ``loop.call_at`` for the earliest entry, re-armed only when a new deadline
+    comes before it: a request adds one heap entry, and ending it only marks the entry
+    stale. An entry counts only if its timer is still armed for that instant; stale
+    entries are dropped when they come up, or all at once when they are most of the heap.
+    """
+
+    __slots__ = ("_handle", "_heap", "_seq", "_stale", "_when", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._heap: list[tuple[float, int, _UpstreamTimer]] = []
+        self._seq = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = math.inf
+        self._stale = 0
+
+    def add(self, when: float, timer: _UpstreamTimer) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        if when < self._when:
+            self._arm(when)
+
+    def dropped(self) -> None:
+        """One entry no longer counts (its timer was cancelled or re-armed)."""
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 64 and 2 * self._stale > len(heap):
+            heap[:] = [e for e in heap if e[2].armed_for(e[0])]
+            heapq.heapify(heap)
+            self._stale = 0
+
+    def __len__(self) -> int:
+        """Heap entries, stale ones included."""
+        return len(self._heap)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._when = when
+        self._handle = self.loop.call_at(when, self._run)
+
+    def _run(self) -> None:
+        due = max(self._when, self.loop.time())  # (asyncio may run a handle a hair early)
+        self._handle = None
+        self._when = math.inf
+        heap = self._heap
+        while heap and heap[0][0] <= due:
+            when, _, timer = heapq.heappop(heap)
+            if timer.armed_for(when):
+                timer.fire()
+            elif self._stale > 0:
+                self._stale -= 1
+        if heap and heap[0][0] < self._when:  # (a timer fired above may have armed a later one)
+            self._arm(heap[0][0])
+
+
 class _UpstreamTimer:
-    """Both upstream timeouts of one request on one timer handle.
+    """Both upstream timeouts of one request on one deadline (see :class:`_Deadlines`).
 
     First the response headers get ``first_byte`` seconds: when they pass, the
     request's task is cancelled, as ``asyncio.timeout`` would, and :meth:`failed`
     reports the timeout. Then the body may be silent for ``read`` seconds between
     chunks: the relay loop stamps :attr:`since` before each read and clears it after,
-    and the timer, re-armed only when it fires early (not per chunk), fails the body
-    stream with :class:`UpstreamReadTimeout` once a read has waited too long. Time
+    and the deadline, re-armed only when it comes up early (not per chunk), fails the
+    body stream with :class:`UpstreamReadTimeout` once a read has waited too long. Time
     spent writing to a slow client is not silence.
 
-    One handle serves the whole request: it is first armed at the earlier of the
-    first-byte deadline and ``read`` seconds from the start, which is never later than
-    the first read deadline can be, so it is kept when the headers arrive. Firing
-    before the headers and before the first-byte deadline (a wait longer than
-    ``read``), it re-arms for that deadline.
+    The first deadline is the earlier of the first-byte one and ``read`` seconds from
+    the start, which is never later than the first read deadline can be, so it is kept
+    when the headers arrive. Coming up before the headers and before the first-byte
+    deadline (a wait longer than ``read``), it re-arms for that deadline.
     """
 
     __slots__ = (
         "_body",
         "_cancelling",
         "_deadline",
+        "_deadlines",
         "_expired",
-        "_handle",
-        "_loop",
         "_read",
         "_stream",
         "_task",
@@ -209,21 +267,20 @@ class _UpstreamTimer:
         "since",
     )
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, first_byte: float | None, read: float | None
-    ) -> None:
-        self._loop = loop
+    def __init__(self, deadlines: _Deadlines, first_byte: float | None, read: float | None) -> None:
+        self._deadlines = deadlines
         self._read = read
         self._body = False
         self._task: asyncio.Task[Any] | None = None
         self._cancelling = 0
         self._expired = False
-        self._handle: asyncio.TimerHandle | None = None
         self._stream: aiohttp.StreamReader | None = None
         self._deadline = math.inf
-        self._when = math.inf
+        self._when: float | None = None
+        """The instant the timer is armed for (None: not armed)."""
         self.since: float | None = None
         if first_byte is not None:
+            loop = deadlines.loop
             self._task = asyncio.current_task(loop)
             if self._task is None:
                 raise RuntimeError("_UpstreamTimer must be created inside a task")
@@ -244,18 +301,21 @@ class _UpstreamTimer:
         self._stream = stream
         if self._read is None:
             self.cancel()
-        elif self._handle is None:
-            self._arm(self._loop.time() + self._read)
-        # else: the handle is due no later than now + read (see the class docstring).
+        elif self._when is None:
+            self._arm(self._deadlines.loop.time() + self._read)
+        # else: armed no later than now + read (see the class docstring).
 
     def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._when is not None:
+            self._when = None
+            self._deadlines.dropped()
+
+    def armed_for(self, when: float) -> bool:
+        return self._when == when
 
     def _arm(self, when: float) -> None:
         self._when = when
-        self._handle = self._loop.call_at(when, self._fire)
+        self._deadlines.add(when, self)
 
     def _uncancel(self) -> bool:
         """Undo the first-byte deadline's cancel; True if it was the only one pending."""
@@ -265,10 +325,11 @@ class _UpstreamTimer:
         assert self._task is not None
         return self._task.uncancel() <= self._cancelling
 
-    def _fire(self) -> None:
-        self._handle = None
+    def fire(self) -> None:
+        """Its deadline came up (called by :class:`_Deadlines`, which dropped the entry)."""
+        when, self._when = self._when, None
         if not self._body:
-            if self._when < self._deadline:
+            if when is not None and when < self._deadline:
                 self._arm(self._deadline)  # armed for an early read deadline: not yet
                 return
             self._expired = True
@@ -276,7 +337,7 @@ class _UpstreamTimer:
             self._task.cancel()
             return
         assert self._read is not None and self._stream is not None
-        now = self._loop.time()
+        now = self._deadlines.loop.time()
         since = self.since
         if since is not None and now - since >= self._read:
             self._stream.set_exception(
@@ -363,6 +424,7 @@ class Proxy:
         self.in_flight = 0
         self._request_id = RequestIds()
         self._targets: dict[str, URL] = {}
+        self._deadlines: _Deadlines | None = None
 
     # --------------------------------------------------------------- entry
 
@@ -370,10 +432,19 @@ class Proxy:
         rid = self._request_id()
         self.in_flight += 1
         try:
-            try:
-                body = await self._read_body(request)
-            except _BodyTooLarge:
+            length = request.content_length
+            if length is not None and length > self.options.max_body_bytes:
                 return self._too_large(rid)
+            if not request.body_exists:
+                body = b""
+            elif length is not None:
+                # The parser feeds at most Content-Length bytes: read them in one call.
+                body = await request.content.read()
+            else:
+                try:
+                    body = await self._read_chunked(request)
+                except _BodyTooLarge:
+                    return self._too_large(rid)
             path = request.rel_url.path
             if request.method != "POST" or path.rstrip("/") not in self.options.gated_paths:
                 return await self._forward(request, rid, body, None, _Step())
@@ -387,10 +458,12 @@ class Proxy:
             if step.agent_id is None:
                 self.metrics.on_admission("bypassed")
                 return await self._forward(request, rid, body, None, step)
-            try:
-                ticket = await self.gate.acquire(
+            try:  # gate.acquire(), without a coroutine when the ticket is granted at once
+                ticket = self.gate.submit(
                     step.agent_id, context_tokens=step.context_tokens, done=step.done
                 )
+                if not ticket.granted:
+                    ticket = await self.gate.wait(ticket)
             except AdmissionError as exc:
                 return self._refuse(exc, step, rid)
             try:  # what gate.permit() does, without a generator-based context manager
@@ -490,16 +563,9 @@ class Proxy:
 
     # --------------------------------------------------------------- upstream
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_chunked(self, request: web.Request) -> bytes:
+        """A body without Content-Length, up to ``max_body_bytes``."""
         limit = self.options.max_body_bytes
-        length = request.content_length
-        if length is not None and length > limit:
-            raise _BodyTooLarge
-        if not request.body_exists:
-            return b""
-        if length is not None:
-            # The parser feeds at most Content-Length bytes: read them in one call.
-            return await request.content.read()
         buf = bytearray()
         async for chunk in request.content.iter_any():
             buf += chunk
@@ -552,7 +618,10 @@ class Proxy:
         assert session is not None, "Proxy.session is not set"
         loop = asyncio.get_running_loop()
         started = loop.time()
-        timer = _UpstreamTimer(loop, opts.first_byte_timeout, opts.read_timeout)
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = self._deadlines = _Deadlines(loop)
+        timer = _UpstreamTimer(deadlines, opts.first_byte_timeout, opts.read_timeout)
         try:
             up = await session.request(
                 request.method,

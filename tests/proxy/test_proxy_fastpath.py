@@ -39,6 +39,7 @@ from concur.proxy import (
     HOP_BY_HOP,
     Proxy,
     ProxyOptions,
+    _Deadlines,
     _filtered,
     _filtered_each,
     _skipped,
@@ -488,3 +489,92 @@ def test_upstream_stats_expose_what_counter_and_histogram_would(
         return [line for line in text.splitlines() if "_created" not in line]
 
     assert exposition(fast) == exposition(ref)
+
+
+class _ManualLoop:
+    """Just enough of an event loop for :class:`_Deadlines`: a clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.handles: list[tuple[float, Any]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Any) -> Any:
+        loop = self
+
+        class Handle:
+            def cancel(self) -> None:
+                loop.handles = [h for h in loop.handles if h[1] is not self]
+
+        handle = Handle()
+        self.handles.append((when, handle))
+        handle.callback = callback  # type: ignore[attr-defined]
+        return handle
+
+    def advance(self, to: float) -> None:
+        while True:
+            due = sorted((h for h in self.handles if h[0] <= to), key=lambda h: h[0])
+            if not due:
+                break
+            when, handle = due[0]
+            self.handles.remove((when, handle))
+            self.now = max(self.now, when)
+            handle.callback()
+        self.now = to
+
+
+class _FakeTimer:
+    def __init__(self, deadlines: _Deadlines, when: float, fired: list[tuple[float, int]], i: int):
+        self.when: float | None = when
+        self.deadlines, self.fired, self.i = deadlines, fired, i
+        deadlines.add(when, self)  # type: ignore[arg-type]
+
+    def armed_for(self, when: float) -> bool:
+        return self.when == when
+
+    def fire(self) -> None:
+        assert self.when is not None
+        self.fired.append((self.deadlines.loop.time(), self.i))
+        self.when = None
+
+    def cancel(self) -> None:
+        if self.when is not None:
+            self.when = None
+            self.deadlines.dropped()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 100), st.booleans(), st.floats(0, 100)), max_size=300),
+)
+def test_shared_deadlines_fire_each_live_timer_once_at_its_time(
+    specs: list[tuple[float, bool, float]],
+) -> None:
+    loop = _ManualLoop()
+    deadlines = _Deadlines(loop)  # type: ignore[arg-type]
+    fired: list[tuple[float, int]] = []
+    timers = []
+    # Timers start at increasing instants; some are cancelled at a random later one.
+    events = sorted(
+        [(i * 0.1, 0, i) for i in range(len(specs))]  # 0: start, 1: cancel
+        + [(i * 0.1 + c, 1, i) for i, (_, cancel, c) in enumerate(specs) if cancel]
+    )
+    for at, kind, i in events:
+        loop.advance(at)  # (what is due by then fires first)
+        if kind == 0:
+            timers.append(_FakeTimer(deadlines, at + specs[i][0], fired, i))
+        else:
+            timers[i].cancel()
+    loop.advance(1000.0)
+    by_timer = dict((i, t) for t, i in fired)
+    assert len(by_timer) == len(fired)  # once each
+    for i, (delay, cancel, cancel_after) in enumerate(specs):
+        due = i * 0.1 + delay
+        if i in by_timer:
+            assert by_timer[i] == due  # at its deadline, not before, not later
+            assert not cancel or i * 0.1 + cancel_after >= due
+        else:
+            assert cancel and i * 0.1 + cancel_after < due
+    assert len(deadlines) <= max(130, 2 * sum(1 for t in timers if t.when is not None) + 130)
