@@ -291,8 +291,9 @@ class _UpstreamTimer:
 
     def failed(self, cancelled: bool) -> bool:
         """No response: stop the timer; True when the first-byte deadline cancelled the task."""
+        expired = self._uncancel()
         self.cancel()
-        return self._uncancel() and cancelled
+        return expired and cancelled
 
     def responded(self, stream: aiohttp.StreamReader) -> None:
         """The headers are in: watch ``stream`` for silence from now on."""
@@ -306,9 +307,13 @@ class _UpstreamTimer:
         # else: armed no later than now + read (see the class docstring).
 
     def cancel(self) -> None:
+        """Stop for good. A stale heap entry may outlive the request: it keeps no more
+        than this small object."""
         if self._when is not None:
             self._when = None
             self._deadlines.dropped()
+        self._stream = None
+        self._task = None
 
     def armed_for(self, when: float) -> bool:
         return self._when == when
