@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from concur.app import RUNTIME, Runtime, Server
-from concur.config import Settings
+from concur.app import RUNTIME, Runtime, Server, build_app
+from concur.config import Settings, load_settings
 
 FAST = {
     "engine.poll_interval": 0.05,
@@ -110,3 +111,43 @@ class Concur:
 
 
 Start = Callable[..., Awaitable[Concur]]
+
+
+@contextlib.asynccontextmanager
+async def concur_starter(
+    default_upstream: str, defaults: Mapping[str, Any]
+) -> AsyncIterator[Start]:
+    """``start(**{"dotted.key": value})`` starts concur in front of ``default_upstream``
+    (or ``start(upstream=...)``) with
+    ``defaults`` under the overrides; on exit every concur started is checked for an
+    empty gate (active == 0, queued == 0) unless told not to, then stopped."""
+    started: list[Concur] = []
+
+    async def start(upstream: str | None = None, **overrides: Any) -> Concur:
+        values = {**defaults, "upstream.url": upstream or default_upstream, **overrides}
+        settings = load_settings(overrides=values, env={})
+        server = Server(
+            build_app(settings), "127.0.0.1", 0, drain_timeout=settings.server.drain_timeout
+        )
+        await server.start()
+        # verify=False: loopback http only, and it skips loading a CA bundle (~0.1 s a client)
+        client = httpx.AsyncClient(base_url=server.url, timeout=10.0, trust_env=False, verify=False)
+        c = Concur(server=server, settings=settings, client=client)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        try:
+            if c.check_empty and not c.stopped:
+                gate = c.runtime.gate
+                await wait_for(
+                    lambda g=gate: g.active == 0 and g.queued == 0,
+                    within=3.0,
+                    what="an empty gate at the end of the scenario",
+                )
+        finally:
+            await c.client.aclose()
+            for extra in c.extra_clients:
+                await extra.aclose()
+            await c.stop()
