@@ -9,17 +9,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-# Subcommand modules, in the order ``concur --help`` lists them.
+# Subcommand modules and their command names, in the order ``concur --help``
+# lists them.
 COMMANDS = (
-    "concur.serve_cli",
-    "concur.sim.cli",
-    "concur.sim.server.cli",
-    "concur.sim.swarm.cli",
-    "concur.sim.demo.cli",
-    "concur.config_cli",
+    ("concur.serve_cli", "serve"),
+    ("concur.sim.cli", "sim"),
+    ("concur.sim.server.cli", "engine"),
+    ("concur.sim.swarm.cli", "swarm"),
+    ("concur.sim.demo.cli", "demo"),
+    ("concur.config_cli", "config"),
 )
+
+
+# Packages of the ``sim`` extra (pyproject.toml): the simulator's commands need
+# them, the proxy does not. The simulator imports numpy on import, the others
+# only when a command runs.
+SIM_EXTRA = frozenset({"matplotlib", "numpy", "rich"})
+SIM_ON_IMPORT = ("numpy",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'concur COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    missing = _first_missing(SIM_ON_IMPORT)
+    for name, command in COMMANDS:
+        if missing is not None and name.startswith("concur.sim."):
+            # Installed without the simulator extra: the command says what to do.
+            stub = sub.add_parser(command, help=f"(needs pip install 'concur[sim]': {missing})")
+            stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            stub.set_defaults(func=_missing_extra(command, missing))
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -44,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_missing(packages: Sequence[str]) -> str | None:
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ModuleNotFoundError:
+            return package
+    return None
+
+
+def _missing_extra(command: str, package: str) -> Callable[[argparse.Namespace], int]:
+    def explain(_: argparse.Namespace) -> int:
+        print(
+            f"concur {command}: needs {package}, which comes with the simulator extra: "
+            "pip install 'concur[sim]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    return explain
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,7 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
-    code: int = func(args)
+    try:
+        code: int = func(args)
+    except ModuleNotFoundError as exc:
+        if exc.name not in SIM_EXTRA:
+            raise
+        return _missing_extra(args.command, exc.name)(args)
     return code
 
 

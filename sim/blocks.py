@@ -9,6 +9,8 @@ Mirrors ``vllm/v1/core/block_pool.py``, ``kv_cache_utils.py`` (the
 - Full blocks are cached under a chain hash (parent hash, block content). A
   cached block keeps its hash after its last reference is dropped and stays
   findable until the block is handed out again (evicted) by an allocation.
+  The pool names each distinct hash by a dense *content id* and keeps its
+  state in arrays indexed by block and by content id (see :class:`BlockPool`).
 - The free queue is in eviction order: allocation pops from the head, and a
   popped block that still carries a hash is evicted from the cache then.
   ``free_blocks`` takes blocks in eviction-priority order (the request's blocks
@@ -29,14 +31,16 @@ they were split into segments.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import TypeAlias
+
+import numpy as np
+from numpy.typing import NDArray
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "BlockArray",
     "BlockPool",
     "Prompt",
     "Segment",
@@ -52,8 +56,16 @@ DEFAULT_BLOCK_SIZE = 16
 _ROOT_HASH = 0x5EED_C0C0_CAFE
 """Parent hash of a sequence's first block (vLLM's ``NONE_HASH``)."""
 
-_LOOKUP_CHUNK = 64
+_LOOKUP_CHUNK = 256
 """Blocks looked up at once by :meth:`BlockPool.lookup` before doubling."""
+
+
+BlockArray: TypeAlias = "NDArray[np.int64]"
+"""Block numbers (or content ids) as a 1-D int64 array."""
+
+_EMPTY: BlockArray = np.zeros(0, np.int64)
+"""An empty, read-only block (or content id) array."""
+_EMPTY.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +122,18 @@ class TokenSeq:
     contents give equal hashes within a process, which is all the cache needs.
     """
 
-    __slots__ = ("_block_size", "_cur_off", "_cur_seg", "_hashes", "_len", "_lens", "_segs")
+    __slots__ = (
+        "_block_size",
+        "_cur_off",
+        "_cur_seg",
+        "_hashes",
+        "_id_owner",
+        "_ids",
+        "_len",
+        "_lens",
+        "_nids",
+        "_segs",
+    )
 
     def __init__(
         self, segments: Iterable[Segment] = (), block_size: int = DEFAULT_BLOCK_SIZE
@@ -126,6 +149,11 @@ class TokenSeq:
         self._hashes: list[int] = []
         self._cur_seg = 0  # where the first unhashed block starts
         self._cur_off = 0
+        # Content ids of the first _nids blocks, from the pool whose id map is
+        # _id_owner (see BlockPool.content_ids).
+        self._ids: BlockArray = _EMPTY
+        self._nids = 0
+        self._id_owner: object = None
         self.extend(*segments)
 
     @classmethod
@@ -208,6 +236,10 @@ class TokenSeq:
         new._hashes = self._hashes.copy()
         new._cur_seg = self._cur_seg
         new._cur_off = self._cur_off
+        n = self._nids
+        new._ids = self._ids[:n].copy() if n else _EMPTY
+        new._nids = n
+        new._id_owner = self._id_owner
         return new
 
     def extended(self, *segments: Segment) -> TokenSeq:
@@ -301,14 +333,25 @@ Prompt = TokenSeq
 
 class BlockPool:
     """The KV block pool of one engine: reference counts, cached-block map and
-    the free queue (head = next to be reused). Blocks are plain ints.
+    the free queue (head = next to be reused), held in arrays.
 
-    A block's hash is not stored on the block: a free block carries it as its
-    free-queue entry, and a block in use is hashed exactly when it lies among
-    the first ``num_hashed`` blocks of every request holding it, whose sequence
-    knows the hash. So requests free their blocks with :meth:`free_request`,
-    passing their hashes. (This saves two list operations per block on the
-    paths that thrashing runs millions of times.)
+    Blocks are ints ``0 .. num_blocks - 1``. Cached content is named by dense
+    *content ids* that the pool hands out for block hashes (:meth:`intern`,
+    :meth:`content_ids`), so that the cache is an array indexed by content id
+    and every operation on a request's blocks is a handful of array operations,
+    not a Python loop over thousands of blocks: the simulator runs millions of
+    block allocations, and per-block Python objects were most of its time.
+
+    The free queue is vLLM's single list, held in two parts that never
+    interleave: blocks without content (never filled, or freed unfilled) sit on
+    a stack at the head, so the most recently freed is reused first, and blocks
+    with cached content follow in LRU order, in an append-only array with lazy
+    deletion (a block is in it at index ``i`` iff ``qpos[block] == i``; a
+    prefix hit that pulls a free cached block out just clears ``qpos``).
+    Unfilled blocks never gain content while free, and cached ones lose it only
+    when handed out, so this is exactly vLLM's order (checked operation by
+    operation against a one-object-per-block model in
+    ``tests/sim/test_block_pool_model.py``).
 
     Args:
         num_blocks: blocks in the pool, the null block included (vLLM's
@@ -318,15 +361,27 @@ class BlockPool:
     """
 
     __slots__ = (
+        "_arange",
+        "_block_id",
         "_cached",
         "_dups",
-        "_free",
-        "_watch",
+        "_front",
+        "_has_dup",
+        "_head",
+        "_idmap",
+        "_nmain",
+        "_q",
+        "_qpos",
+        "_tail",
+        "_top",
+        "_watch_mask",
+        "_watched",
         "block_size",
         "enable_caching",
         "epoch",
         "evictions",
         "num_blocks",
+        "num_free",
         "ref_cnt",
     )
 
@@ -340,28 +395,102 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.ref_cnt: list[int] = [0] * num_blocks
-        # hash -> oldest block cached under it; younger duplicates in _dups.
-        self._cached: dict[int, int] = {}
+        self.ref_cnt: BlockArray = np.zeros(num_blocks, np.int64)
+        """References per block (a free block has none)."""
+        # Content id held by each block, -1 for none.
+        self._block_id: BlockArray = np.full(num_blocks, -1, np.int64)
+        # Unfilled free blocks: a stack whose top (``_front[_top - 1]``) is the
+        # head of the free queue. Block 0 is the null block: never free.
+        self._front: BlockArray = np.zeros(num_blocks, np.int64)
+        self._front[: num_blocks - 1] = np.arange(num_blocks - 1, 0, -1)
+        self._top = num_blocks - 1
+        # Free blocks with cached content, LRU first, in _q[_head:_tail] with
+        # stale entries (see the class docstring); compacted when full.
+        cap = 4 * num_blocks
+        self._q: BlockArray = np.zeros(cap, np.int64)
+        self._qpos: BlockArray = np.full(num_blocks, -1, np.int64)
+        self._arange: BlockArray = np.arange(cap, dtype=np.int64)
+        self._head = 0
+        self._tail = 0
+        self._nmain = 0
+        self.num_free = num_blocks - 1
+        """Blocks in the free queue, free cached (evictable) blocks included."""
+        # Content ids: hash -> id, and per id the oldest block cached under it
+        # (-1: none); younger copies of the same content in _dups.
+        self._idmap: dict[int, int] = {}
+        ids = max(1024, 2 * num_blocks)
+        self._cached: BlockArray = np.full(ids, -1, np.int64)
+        self._has_dup = np.zeros(ids, np.bool_)
         self._dups: dict[int, list[int]] = {}
-        # Free queue in eviction order: block -> its hash (None if unhashed).
-        # Block 0 is the null block: never free, never handed out.
-        self._free: OrderedDict[int, int | None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self._watch_mask = np.zeros(ids, np.bool_)
+        self._watched: BlockArray = _EMPTY
         self.evictions = 0
-        """Cached blocks whose hash was dropped because the block was reused."""
-        self._watch: set[int] = set()
+        """Cached blocks whose content was dropped because the block was reused."""
         self.epoch = 0
         """Bumped whenever a lookup could have found *more* in-use hit blocks than
         before: a free block was pulled out of the queue by ``touch``, or a
-        watched hash (see :meth:`watch`) was cached. Evictions and frees never
-        bump it: they can only shorten a hit or hand its blocks back."""
+        watched content id (see :meth:`watch`) was cached. Evictions and frees
+        never bump it: they can only shorten a hit or hand its blocks back."""
+
+    # -- content ids ---------------------------------------------------------
+
+    def intern(self, hashes: Iterable[int]) -> list[int]:
+        """Content ids of block hashes: equal hashes get equal ids, ids are
+        dense (``0, 1, 2, ...`` in order of first sight)."""
+        idmap = self._idmap
+        hashes = list(hashes)
+        ids = list(map(idmap.get, hashes))
+        if None in ids:
+            for i, h in enumerate(hashes):
+                if ids[i] is None:
+                    cid = idmap.get(h)
+                    if cid is None:
+                        cid = idmap[h] = len(idmap)
+                    ids[i] = cid
+            self._reserve_ids(len(idmap))
+        return ids  # type: ignore[return-value]  # no None left
+
+    def content_ids(self, seq: TokenSeq, num_blocks: int) -> BlockArray:
+        """Content ids of ``seq``'s first ``num_blocks`` blocks (all full).
+
+        Kept on ``seq`` (and carried by its copies), so a context extended step
+        after step is interned once overall. Returns at least ``num_blocks``
+        ids; read only the first ``num_blocks``, and do not mutate them."""
+        if seq._id_owner is not self._idmap:
+            seq._id_owner = self._idmap
+            seq._ids = _EMPTY
+            seq._nids = 0
+        have = seq._nids
+        buf = seq._ids
+        if have >= num_blocks:
+            return buf
+        new = self.intern(seq.hashes_upto(num_blocks)[have:num_blocks])
+        if len(buf) < num_blocks:
+            grown = np.empty(max(num_blocks, 2 * len(buf), 64), np.int64)
+            grown[:have] = buf[:have]
+            seq._ids = buf = grown
+        buf[have:num_blocks] = new
+        seq._nids = num_blocks
+        return buf
+
+    def _reserve_ids(self, num_ids: int) -> None:
+        """Grow the per-content-id arrays to hold ids ``< num_ids``."""
+        size = len(self._cached)
+        if num_ids <= size:
+            return
+        while size < num_ids:
+            size *= 2
+        extra = size - len(self._cached)
+        self._cached = np.concatenate((self._cached, np.full(extra, -1, np.int64)))
+        self._has_dup = np.concatenate((self._has_dup, np.zeros(extra, np.bool_)))
+        self._watch_mask = np.concatenate((self._watch_mask, np.zeros(extra, np.bool_)))
 
     # -- queries -------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks in the free queue, free cached (evictable) blocks included."""
-        return len(self._free)
+        return self.num_free
 
     @property
     def num_usable_blocks(self) -> int:
@@ -370,193 +499,297 @@ class BlockPool:
     @property
     def usage(self) -> float:
         """vLLM's ``get_usage``: the fraction of usable blocks not free."""
-        return 1.0 - len(self._free) / (self.num_blocks - 1)
+        return 1.0 - self.num_free / (self.num_blocks - 1)
 
     @property
     def num_cached_blocks(self) -> int:
-        """Blocks currently findable by hash (in use or free)."""
-        return len(self._cached) + sum(len(d) for d in self._dups.values())
+        """Blocks currently findable by content (in use or free)."""
+        return int(np.count_nonzero(self._cached >= 0)) + sum(map(len, self._dups.values()))
 
     def free_queue(self) -> list[int]:
         """The free queue, head (next to be reused) first."""
-        return list(self._free)
+        front: list[int] = self._front[: self._top][::-1].tolist()
+        return front + self.free_cached_blocks()
 
     def free_cached_blocks(self) -> list[int]:
         """Free blocks that still hold cached content (evictable), head first."""
-        return [b for b, h in self._free.items() if h is not None]
+        seg = self._q[self._head : self._tail]
+        live: list[int] = seg[self._qpos[seg] == self._arange[self._head : self._tail]].tolist()
+        return live
 
-    def cached_block(self, block_hash: int) -> int | None:
-        """The block a lookup of ``block_hash`` would return, if any."""
-        return self._cached.get(block_hash)
+    def cached_block(self, content_id: int) -> int | None:
+        """The block a lookup of ``content_id`` would return, if any."""
+        if content_id >= len(self._cached):
+            return None
+        b = int(self._cached[content_id])
+        return b if b >= 0 else None
 
-    def lookup(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
-        """The longest run of cached blocks matching ``hashes[:max_blocks]``
-        from the start (vLLM's ``find_longest_cache_hit``). No side effects."""
+    def lookup(self, ids: BlockArray, max_blocks: int) -> BlockArray:
+        """The longest run of cached blocks matching ``ids[:max_blocks]`` from
+        the start (vLLM's ``find_longest_cache_hit``). No side effects."""
         if not self.enable_caching or max_blocks <= 0:
-            return []
-        # Look hashes up a chunk at a time (doubling), cutting at the first miss:
-        # plain ``map`` over a slice is cheaper per block than a ``takewhile``,
-        # and doubling wastes at most one chunk past a miss.
-        get = self._cached.get
-        hit: list[int] = []
+            return _EMPTY
+        # A chunk at a time (doubling), stopping at the first miss.
+        cached = self._cached
+        parts: list[BlockArray] = []
         start = 0
         size = _LOOKUP_CHUNK
         while start < max_blocks:
             end = min(start + size, max_blocks)
-            found: list[int | None] = list(map(get, hashes[start:end]))
-            if None in found:
-                del found[found.index(None) :]
-                hit.extend(found)  # type: ignore[arg-type]  # no None left
-                return hit
-            hit.extend(found)  # type: ignore[arg-type]  # no None in it
+            found = cached[ids[start:end]]
+            miss = found < 0
+            if miss.any():
+                parts.append(found[: int(miss.argmax())])
+                break
+            parts.append(found)
             start = end
             size += size
-        return hit
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def count_free(self, blocks: Sequence[int]) -> int:
+    def count_free(self, blocks: BlockArray) -> int:
         """How many of ``blocks`` sit in the free queue (reference count 0)."""
-        ref = self.ref_cnt
-        return [ref[b] for b in blocks].count(0)
+        return len(blocks) - int(np.count_nonzero(self.ref_cnt[blocks]))
 
-    def watch(self, hashes: Iterable[int]) -> None:
-        """Bump :attr:`epoch` when any of ``hashes`` is cached (replaces the
+    def watch(self, ids: BlockArray | Sequence[int]) -> None:
+        """Bump :attr:`epoch` when any of ``ids`` is cached (replaces the
         previous watch set). Used to memoise a blocked admission check."""
-        self._watch = set(hashes)
+        self.unwatch()
+        watched = np.asarray(ids, np.int64)
+        if len(watched):
+            self._reserve_ids(int(watched.max()) + 1)
+            self._watch_mask[watched] = True
+        self._watched = watched
 
     def unwatch(self) -> None:
-        self._watch = set()
+        if len(self._watched):
+            self._watch_mask[self._watched] = False
+            self._watched = _EMPTY
+
+    def watching(self) -> bool:
+        """Is a watch set in place?"""
+        return len(self._watched) > 0
+
+    def watched(self, content_id: int) -> bool:
+        """Is ``content_id`` in the watch set?"""
+        return bool(self._watch_mask[content_id]) if len(self._watched) else False
 
     # -- mutations -----------------------------------------------------------
 
-    def touch(self, blocks: Iterable[int]) -> None:
-        """Take a reference on hit blocks, pulling free ones out of the queue."""
+    def touch(self, blocks: BlockArray) -> None:
+        """Take a reference on hit blocks (distinct), pulling free ones out of
+        the queue."""
         ref = self.ref_cnt
-        free = self._free
-        pulled = False
-        for b in blocks:
-            r = ref[b]
-            if not r:
-                del free[b]
-                pulled = True
-            ref[b] = r + 1
-        if pulled:
+        r = ref[blocks]
+        ref[blocks] = r + 1
+        pulled = blocks[r == 0]
+        n = len(pulled)
+        if n:
             self.epoch += 1
+            self.num_free -= n
+            unfilled = self._block_id[pulled] < 0
+            if unfilled.any():  # free blocks without content sit on the stack
+                self._drop_from_front(pulled[unfilled])
+                pulled = pulled[~unfilled]
+            self._qpos[pulled] = -1
+            self._nmain -= len(pulled)
 
-    def allocate(self, num_blocks: int) -> list[int]:
+    def _drop_from_front(self, blocks: BlockArray) -> None:
+        stack = self._front[: self._top]
+        keep = stack[~np.isin(stack, blocks)]
+        self._front[: len(keep)] = keep
+        self._top = len(keep)
+
+    def allocate(self, num_blocks: int) -> BlockArray:
         """Pop ``num_blocks`` blocks from the head of the free queue, evicting
         the cached content of any popped block (vLLM's ``get_new_blocks``)."""
-        free = self._free
-        if num_blocks > len(free):
-            raise ValueError(f"cannot allocate {num_blocks} blocks: only {len(free)} free")
-        pop = free.popitem
-        ref = self.ref_cnt
-        cached = self._cached
-        dups = self._dups
-        out: list[int] = []
-        append = out.append
-        evicted = 0
-        # One plain loop: measured faster than list comprehensions here, as
-        # each popped (block, hash) tuple is released at once.
-        for _ in repeat(None, num_blocks):
-            b, h = pop(False)
-            ref[b] = 1
-            append(b)
-            if h is not None:
-                if dups and h in dups:
-                    self._evict_dup(b, h)
-                else:
-                    del cached[h]
-                evicted += 1
-        self.evictions += evicted
+        if num_blocks > self.num_free:
+            raise ValueError(f"cannot allocate {num_blocks} blocks: only {self.num_free} free")
+        if num_blocks <= 0:
+            return _EMPTY
+        self.num_free -= num_blocks
+        top = self._top
+        if num_blocks <= top:
+            out = self._front[top - num_blocks : top][::-1].copy()
+            self._top = top - num_blocks
+        else:
+            popped = self._pop_cached(num_blocks - top)
+            if top:
+                out = np.concatenate((self._front[:top][::-1], popped))
+                self._top = 0
+            else:
+                out = popped
+        self.ref_cnt[out] = 1
         return out
 
-    def _evict_dup(self, block: int, block_hash: int) -> None:
-        """Drop ``block`` from the cache entry of a hash with several copies."""
-        cached = self._cached
-        dups = self._dups[block_hash]
-        if cached[block_hash] == block:
-            cached[block_hash] = dups.pop(0)
+    def _pop_cached(self, n: int) -> BlockArray:
+        """Take the first ``n`` live entries of the cached part of the queue
+        and evict their content."""
+        q = self._q
+        qpos = self._qpos
+        arange = self._arange
+        head = self._head
+        tail = self._tail
+        parts: list[BlockArray] = []
+        need = n
+        span = n
+        while True:
+            end = min(head + span, tail)
+            seg = q[head:end]
+            live = qpos[seg] == arange[head:end]
+            count = int(np.count_nonzero(live))
+            if count >= need:
+                if count == end - head and count == need:
+                    parts.append(seg)
+                    head = end
+                else:
+                    idx = np.flatnonzero(live)[:need]
+                    parts.append(seg[idx])
+                    head += int(idx[-1]) + 1
+                break
+            if count:
+                parts.append(seg[live])
+            need -= count
+            head = end
+            span = 2 * max(span, need)
+        self._head = head
+        self._nmain -= n
+        out = parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        qpos[out] = -1
+        block_id = self._block_id
+        ids = block_id[out]
+        block_id[out] = -1
+        self.evictions += n
+        if self._dups:
+            several = self._has_dup[ids]
+            if several.any():
+                for b, cid in zip(out[several].tolist(), ids[several].tolist(), strict=True):
+                    self._evict_dup(b, cid)
+                ids = ids[~several]
+        self._cached[ids] = -1
+        return out
+
+    def _evict_dup(self, block: int, cid: int) -> None:
+        """Drop ``block`` from the cache entry of a content id with several
+        copies (or, once they are gone, the last copy)."""
+        dups = self._dups.get(cid)
+        if dups is None:
+            self._cached[cid] = -1
+            return
+        if self._cached[cid] == block:
+            self._cached[cid] = dups.pop(0)
         else:
             dups.remove(block)
         if not dups:
-            del self._dups[block_hash]
+            del self._dups[cid]
+            self._has_dup[cid] = False
 
-    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
-        """Record that ``blocks[i]`` (now full) holds content ``hashes[i]``."""
+    def cache_blocks(self, blocks: BlockArray, ids: BlockArray) -> None:
+        """Record that ``blocks[i]`` (now full) holds content ``ids[i]`` (the
+        ids distinct, as a sequence's are)."""
         if not self.enable_caching:
             return
-        if len(blocks) != len(hashes):
-            raise ValueError(f"{len(blocks)} blocks but {len(hashes)} hashes")
-        if self._watch and not self._watch.isdisjoint(hashes):
+        if len(blocks) != len(ids):
+            raise ValueError(f"{len(blocks)} blocks but {len(ids)} content ids")
+        if not len(ids):
+            return
+        if len(self._watched) and self._watch_mask[ids].any():
             self.epoch += 1
-        # setdefault keeps the oldest block as the entry; younger copies of the
-        # same content (computed concurrently) are kept as duplicates.
-        prev = list(map(self._cached.setdefault, hashes, blocks))
-        if prev != list(blocks):
-            for b, h, p in zip(blocks, hashes, prev, strict=True):
-                if p != b:
-                    self._dups.setdefault(h, []).append(b)
+        self._block_id[blocks] = ids
+        cached = self._cached
+        prev = cached[ids]
+        fresh = prev < 0
+        if fresh.all():
+            cached[ids] = blocks
+            return
+        # The oldest block stays the entry; younger copies of the same content
+        # (computed concurrently) are kept as duplicates.
+        cached[ids[fresh]] = blocks[fresh]
+        old = ~fresh
+        for b, cid, p in zip(
+            blocks[old].tolist(), ids[old].tolist(), prev[old].tolist(), strict=True
+        ):
+            if p != b:
+                self._add_dup(b, cid)
 
-    def cache_block(self, block: int, block_hash: int) -> None:
-        """``cache_blocks([block], [block_hash])``, for one block at a time."""
+    def _add_dup(self, block: int, cid: int) -> None:
+        self._dups.setdefault(cid, []).append(block)
+        self._has_dup[cid] = True
+
+    def cache_block(self, block: int, content_id: int) -> None:
+        """``cache_blocks`` of one block."""
         if not self.enable_caching:
             return
-        if block_hash in self._watch:
+        if len(self._watched) and self._watch_mask[content_id]:
             self.epoch += 1
-        prev = self._cached.setdefault(block_hash, block)
-        if prev != block:
-            self._dups.setdefault(block_hash, []).append(block)
+        self._block_id[block] = content_id
+        prev = int(self._cached[content_id])
+        if prev < 0:
+            self._cached[content_id] = block
+        elif prev != block:
+            self._add_dup(block, content_id)
 
-    def free_blocks(self, ordered: Iterable[tuple[int, int | None]]) -> None:
-        """Drop one reference from each ``(block, hash or None)``, given in
+    def free_blocks(self, blocks: BlockArray | Sequence[int]) -> None:
+        """Drop one reference from each of ``blocks`` (distinct), given in
         eviction-priority order (first = evicted first), as vLLM's
         ``BlockPool.free_blocks``: blocks reaching zero references go to the
-        free queue, unhashed ones to the front (in order), hashed ones to the
-        tail (in order). Requests use :meth:`free_request`.
-        """
-        ref = self.ref_cnt
-        free = self._free
-        caching = self.enable_caching
-        front: list[int] = []
-        for b, h in ordered:
-            r = ref[b] - 1
-            if r < 0:
-                raise ValueError(f"block {b} freed more often than referenced")
-            ref[b] = r
-            if not r:
-                if caching and h is not None:
-                    free[b] = h
-                else:
-                    front.append(b)
-        self._prepend(front)
+        free queue, those without content to the front (in order), those with
+        cached content to the tail (in order). Requests use
+        :meth:`free_request`."""
+        arr = np.asarray(blocks, np.int64)
+        r = self.ref_cnt[arr] - 1
+        if (r < 0).any():
+            bad = int(arr[int((r < 0).argmax())])
+            raise ValueError(f"block {bad} freed more often than referenced")
+        self.ref_cnt[arr] = r
+        freed = arr[r == 0]
+        filled = self._block_id[freed] >= 0 if self.enable_caching else np.zeros(len(freed), bool)
+        self._push_cached(freed[filled])
+        self._push_front(freed[~filled][::-1])
 
-    def free_request(self, blocks: Sequence[int], hashes: Sequence[int], num_hashed: int) -> None:
+    def free_request(self, blocks: BlockArray, num_hashed: int) -> None:
         """Free a request's blocks (in allocation order; the first
-        ``num_hashed`` hold ``hashes[:num_hashed]``) the way vLLM's manager does:
-        in reverse, so the tail of its sequence is evicted first."""
+        ``num_hashed`` hold cached content) the way vLLM's manager does: in
+        reverse, so the tail of its sequence is evicted first."""
         if not self.enable_caching:
             num_hashed = 0
         ref = self.ref_cnt
-        free = self._free
-        front: list[int] = []
-        # Reversed order visits the unhashed tail first; those go to the front.
-        for b in reversed(blocks[num_hashed:]):
-            r = ref[b] - 1
-            ref[b] = r
-            if not r:
-                front.append(b)
-        for b, h in zip(reversed(blocks[:num_hashed]), reversed(hashes[:num_hashed]), strict=True):
-            r = ref[b] - 1
-            ref[b] = r
-            if not r:
-                free[b] = h
-        self._prepend(front)
+        r = ref[blocks] - 1
+        ref[blocks] = r
+        freed = r == 0
+        # Reversed order puts the unfilled tail first, at the front: pushed in
+        # allocation order, the stack's top is the request's last block.
+        self._push_front(blocks[num_hashed:][freed[num_hashed:]])
+        self._push_cached(blocks[:num_hashed][freed[:num_hashed]][::-1])
 
-    def _prepend(self, front: list[int]) -> None:
-        """Put ``front`` at the head of the free queue, ``front[0]`` first."""
-        if front:
-            free = self._free
-            move = free.move_to_end
-            for b in reversed(front):
-                free[b] = None
-                move(b, False)
+    def _push_front(self, blocks: BlockArray) -> None:
+        """Push onto the head of the free queue; the last one becomes the head."""
+        n = len(blocks)
+        if n:
+            top = self._top
+            self._front[top : top + n] = blocks
+            self._top = top + n
+            self.num_free += n
+
+    def _push_cached(self, blocks: BlockArray) -> None:
+        """Append cached blocks to the tail of the free queue, in order."""
+        n = len(blocks)
+        if not n:
+            return
+        if self._tail + n > len(self._q):
+            self._compact()
+        tail = self._tail
+        self._q[tail : tail + n] = blocks
+        self._qpos[blocks] = self._arange[tail : tail + n]
+        self._tail = tail + n
+        self._nmain += n
+        self.num_free += n
+
+    def _compact(self) -> None:
+        """Move the live cached entries to the start of the array."""
+        seg = self._q[self._head : self._tail]
+        live = seg[self._qpos[seg] == self._arange[self._head : self._tail]]
+        n = len(live)
+        self._q[:n] = live
+        self._qpos[live] = self._arange[:n]
+        self._head = 0
+        self._tail = n

@@ -446,7 +446,8 @@ class EngineModel:
             return 0
         bs = self.config.block_size
         max_hit = (len(prompt) - 1) // bs
-        return len(self._sched.pool.lookup(prompt.hashes_upto(max_hit), max_hit)) * bs
+        pool = self._sched.pool
+        return len(pool.lookup(pool.content_ids(prompt, max_hit), max_hit)) * bs
 
     def signal(self, now: float) -> EngineSignal:
         """The reading vLLM's ``/metrics`` would give now."""

@@ -42,7 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from concur.sim.blocks import BlockPool, TokenSeq, output_key
+import numpy as np
+
+from concur.sim.blocks import BlockArray, BlockPool, TokenSeq, output_key
 
 __all__ = [
     "DecodePlan",
@@ -156,7 +158,7 @@ class RequestState:
         self.num_output = 0
         self.num_computed = 0
         self.high_water = 0  # most tokens ever computed, as of the last preemption
-        self.blocks: list[int] = []
+        self.blocks: BlockArray = _NO_BLOCKS
         self.num_cached_blocks = 0
         self.status = RequestStatus.WAITING
         self.arrival_time = now
@@ -224,7 +226,7 @@ class DecodePlan:
         free_blocks: int,
         allocs: list[int],
         actions: list[list[tuple[RequestState, bool]]],
-        watch: set[int] | None,
+        watch: bool,
     ) -> None:
         self.num_requests = num_requests
         self.context_tokens = context_tokens
@@ -238,8 +240,8 @@ class DecodePlan:
         """Per phase ``j % block_size``: (request, True = allocate a block /
         False = cache its newly full block), in running order."""
         self.watch = watch
-        """Hashes whose caching would reopen the blocked admission check of the
-        waiting queue's head (None: no check to reopen)."""
+        """Whether caching a watched content id (see :meth:`BlockPool.watch`)
+        would reopen the blocked admission check of the waiting queue's head."""
 
     def steps_within_blocks(self, max_steps: int) -> int:
         """How many of the first ``max_steps`` steps run without preempting."""
@@ -251,6 +253,10 @@ class DecodePlan:
             if free < 0:
                 return j
         return min(max_steps, self.max_steps)
+
+
+_NO_BLOCKS: BlockArray = np.zeros(0, np.int64)
+_NO_BLOCKS.flags.writeable = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -334,11 +340,11 @@ class Scheduler:
                 f"{need} KV blocks but the engine has {usable}; give the engine more KV "
                 f"capacity or send shorter requests"
             )
-        # Hash the caller's prompt in place before copying it: hashes depend on
-        # content only, so the caller's object keeps them and a context that is
-        # extended step after step is hashed once overall.
+        # Hash (and intern) the caller's prompt in place before copying it:
+        # hashes depend on content only, so the caller's object keeps them and
+        # a context that is extended step after step is hashed once overall.
         if self.enable_prefix_caching:
-            req.prompt.block_hashes()
+            self.pool.content_ids(req.prompt, req.prompt.num_full_blocks)
         state = RequestState(req, req.prompt.copy(), now)
         self.requests[rid] = state
         self.waiting.append(state)
@@ -361,10 +367,8 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def _free(self, state: RequestState) -> None:
-        nc = state.num_cached_blocks
-        hashes = state.seq.hashes_upto(nc) if nc else ()
-        self.pool.free_request(state.blocks, hashes, nc)
-        state.blocks = []
+        self.pool.free_request(state.blocks, state.num_cached_blocks)
+        state.blocks = _NO_BLOCKS
         state.num_cached_blocks = 0
 
     def _preempt(self, state: RequestState) -> None:
@@ -408,7 +412,6 @@ class Scheduler:
         """Choose this step's work, allocate and cache its blocks."""
         bs = self.block_size
         pool = self.pool
-        free_q = pool._free  # len() of it is the free-block count
         caching = self.enable_prefix_caching
         budget = self.max_num_batched_tokens
         running = self.running
@@ -429,9 +432,9 @@ class Scheduler:
             end = comp + n
             need = (end + bs - 1) // bs - len(r.blocks)
             if need > 0:
-                if need > len(free_q):
+                if need > pool.num_free:
                     victim: RequestState | None = None
-                    while need > len(free_q):
+                    while need > pool.num_free:
                         victim = running.pop()
                         self._preempt(victim)
                         preempted.append(victim.request_id)
@@ -439,13 +442,13 @@ class Scheduler:
                             break
                     if victim is r:
                         break
-                r.blocks.extend(pool.allocate(need))
+                r.blocks = np.concatenate((r.blocks, pool.allocate(need)))
             if caching:
                 full = end // bs
                 if full > r.num_cached_blocks:
                     nc = r.num_cached_blocks
-                    hashes = self._seq(r, ntok).hashes_upto(full)
-                    pool.cache_blocks(r.blocks[nc:full], hashes[nc:full])
+                    ids = pool.content_ids(self._seq(r, ntok), full)
+                    pool.cache_blocks(r.blocks[nc:full], ids[nc:full])
                     r.num_cached_blocks = full
             reqs.append(r)
             counts.append(n)
@@ -464,7 +467,7 @@ class Scheduler:
             reserve_full = self.reserve_full_isl
             while budget > 0 and waiting and len(running) < max_seqs:
                 r = waiting[0]
-                free = len(free_q) - (self.watermark_blocks if running else 0)
+                free = pool.num_free - (self.watermark_blocks if running else 0)
                 blocked = self._blocked
                 if (
                     blocked is not None
@@ -478,10 +481,10 @@ class Scheduler:
                 ntok = r.num_prompt + r.num_output
                 if caching:
                     max_hit = (ntok - 1) // bs
-                    hashes = self._seq(r, ntok).hashes_upto(max_hit)
-                    hit = pool.lookup(hashes, max_hit)
+                    ids = pool.content_ids(self._seq(r, ntok), max_hit)
+                    hit = pool.lookup(ids, max_hit)
                 else:
-                    hit = []
+                    hit = _NO_BLOCKS
                 nhit = len(hit)
                 comp = nhit * bs
                 n = ntok - comp
@@ -494,7 +497,7 @@ class Scheduler:
                     if required > free:
                         if self._memoise_blocked:
                             if caching:
-                                pool.watch(hashes[: min(nhit + 1, max_hit)])
+                                pool.watch(ids[: min(nhit + 1, max_hit)])
                             self._blocked = (r, pool.epoch, required)
                         break
                 need = (end + bs - 1) // bs - nhit
@@ -507,14 +510,14 @@ class Scheduler:
                 waiting.popleft()
                 if nhit:
                     pool.touch(hit)
-                r.blocks = hit
-                if need > 0:
-                    hit.extend(pool.allocate(need))
+                blocks = np.concatenate((hit, pool.allocate(need))) if need > 0 else hit
+                r.blocks = blocks
                 r.num_cached_blocks = nhit
                 if caching:
                     full = end // bs
                     if full > nhit:
-                        pool.cache_blocks(hit[nhit:full], r.seq.hashes_upto(full)[nhit:full])
+                        ids = pool.content_ids(r.seq, full)
+                        pool.cache_blocks(blocks[nhit:full], ids[nhit:full])
                         r.num_cached_blocks = full
                 if r.preemptions == 0:
                     self.prefix_queries += ntok
@@ -599,7 +602,7 @@ class Scheduler:
         if not running or nreq > self.max_num_batched_tokens:
             return None
         pool = self.pool
-        watch: set[int] | None = None
+        watch = False
         if (
             self.waiting
             and nreq < self.max_num_seqs
@@ -610,10 +613,10 @@ class Scheduler:
                 blocked is None
                 or blocked[0] is not self.waiting[0]
                 or blocked[1] != pool.epoch
-                or blocked[2] <= len(pool._free) - self.watermark_blocks
+                or blocked[2] <= pool.num_free - self.watermark_blocks
             ):
                 return None
-            watch = pool._watch or None
+            watch = pool.watching()
         bs = self.block_size
         caching = self.enable_prefix_caching
         allocs = [0] * bs
@@ -641,7 +644,7 @@ class Scheduler:
                 if not 0 <= j < bs:
                     return None
                 actions[j].append((r, False))
-        return DecodePlan(nreq, context, max_steps, len(pool._free), allocs, actions, watch)
+        return DecodePlan(nreq, context, max_steps, pool.num_free, allocs, actions, watch)
 
     def run_decode(
         self, plan: DecodePlan, num_steps: int, end_times: Sequence[float]
@@ -651,8 +654,8 @@ class Scheduler:
         ``j`` ends (the finish time of the requests it completes).
         ``num_steps`` must be within ``plan.steps_within_blocks(num_steps)``.
 
-        Stops early, before a step that would cache a hash of ``plan.watch``
-        (that step must reconsider the waiting queue). Returns (steps applied,
+        Stops early, before a step that would cache a watched content id (that
+        step must reconsider the waiting queue). Returns (steps applied,
         new tokens per request, finished requests)."""
         fit = plan.steps_within_blocks(num_steps)
         if not 0 < num_steps <= fit:
@@ -664,23 +667,25 @@ class Scheduler:
         pool = self.pool
         allocate = pool.allocate
         cache_block = pool.cache_block
+        content_ids = pool.content_ids
         seq_of = self._seq
+        concat = np.concatenate
         actions = plan.actions
         watch = plan.watch
         # Blocks are handed out and cached step by step in running order, as
         # :meth:`schedule` does, so the pool ends in the very same state.
         for j in range(num_steps):
             phase = actions[j % bs]
-            if watch is not None and self._reopens(phase, j, watch):
+            if watch and self._reopens(phase, j):
                 num_steps = j
                 break
             for r, alloc in phase:
                 if alloc:
-                    r.blocks.extend(allocate(1))
+                    r.blocks = concat((r.blocks, allocate(1)))
                 else:
                     nc = r.num_cached_blocks
-                    hashes = seq_of(r, r.num_prompt + r.num_output + j).hashes_upto(nc + 1)
-                    cache_block(r.blocks[nc], hashes[nc])
+                    ids = content_ids(seq_of(r, r.num_prompt + r.num_output + j), nc + 1)
+                    cache_block(int(r.blocks[nc]), int(ids[nc]))
                     r.num_cached_blocks = nc + 1
         outputs: dict[str, int] = {}
         finished: list[FinishedRequest] = []
@@ -700,14 +705,15 @@ class Scheduler:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return num_steps, outputs, finished
 
-    def _reopens(self, phase: list[tuple[RequestState, bool]], j: int, watch: set[int]) -> bool:
-        """Would step ``j`` of a decode run cache a watched hash? (Hashing the
-        blocks it completes is what that step's :meth:`schedule` does first.)"""
+    def _reopens(self, phase: list[tuple[RequestState, bool]], j: int) -> bool:
+        """Would step ``j`` of a decode run cache a watched content id? (Hashing
+        the blocks it completes is what that step's :meth:`schedule` does first.)"""
+        pool = self.pool
         for r, alloc in phase:
             if not alloc:
                 full = r.num_cached_blocks + 1
                 seq = self._seq(r, r.num_prompt + r.num_output + j)
-                if seq.hashes_upto(full)[full - 1] in watch:
+                if pool.watched(int(pool.content_ids(seq, full)[full - 1])):
                     return True
         return False
 

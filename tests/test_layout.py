@@ -83,3 +83,28 @@ def test_built_wheel_holds_the_subpackages(tmp_path: Path) -> None:
     assert len(expected) > 40
     missing = sorted(expected - set(names))
     assert not missing, f"not packaged: {missing}"
+
+
+def _concur_without(package: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``concur ARGV`` in a fresh interpreter where ``package`` cannot be imported."""
+    code = (
+        f"import sys; sys.modules[{package!r}] = None\n"
+        "from concur.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd="/", capture_output=True, text=True, check=False
+    )
+
+
+def test_the_proxy_needs_no_sim_extra_and_sim_commands_say_what_to_install() -> None:
+    serve = _concur_without("numpy", "serve", "--help")
+    assert serve.returncode == 0, serve.stderr
+    assert "--upstream" in serve.stdout
+    listing = _concur_without("numpy", "--help")
+    assert listing.returncode == 0 and "concur[sim]" in listing.stdout
+    for command in ("sim", "engine", "swarm", "demo"):
+        out = _concur_without("numpy", command, "run", "--trace", "t.jsonl")
+        assert out.returncode == 2, (command, out.stderr)
+        assert "pip install 'concur[sim]'" in out.stderr and "numpy" in out.stderr
+        assert "Traceback" not in out.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import numpy as np
 import pytest
 
 from concur.sim.blocks import (
@@ -105,8 +106,33 @@ def test_explicit_and_virtual_tokens_never_collide() -> None:
 # -- BlockPool ------------------------------------------------------------------
 
 
-def _hashes(key: str, n: int) -> list[int]:
-    return list(TokenSeq([V(key, 16 * n)]).block_hashes())
+def _ids(pool: BlockPool, key: str, n: int) -> list[int]:
+    """Content ids of the ``n`` full blocks of a fresh virtual sequence."""
+    return pool.content_ids(TokenSeq([V(key, 16 * n)]), n)[:n].tolist()
+
+
+def _a(xs: list[int]) -> np.ndarray:
+    return np.asarray(xs, np.int64)
+
+
+def test_content_ids_are_dense_shared_by_equal_content_and_kept_on_the_sequence() -> None:
+    pool = BlockPool(9)
+    seq = TokenSeq([V("A", 48)])
+    ids = pool.content_ids(seq, 3)[:3].tolist()
+    assert ids == [0, 1, 2]
+    # Equal content, another object: the same ids; new content: the next ones.
+    assert pool.content_ids(TokenSeq([V("A", 32)]), 2)[:2].tolist() == [0, 1]
+    assert pool.content_ids(TokenSeq([V("B", 16)]), 1)[:1].tolist() == [3]
+    assert pool.intern(list(seq.block_hashes())) == [0, 1, 2]
+    # A copy carries the ids; extending it interns only the new block.
+    longer = seq.extended(V("A+", 16))
+    assert longer._nids == 3
+    assert pool.content_ids(longer, 4)[:4].tolist() == [0, 1, 2, 4]
+    assert seq._nids == 3  # the original is untouched
+    # Another pool has its own ids: the sequence's cached ids are not reused.
+    other = BlockPool(9)
+    other.content_ids(TokenSeq([V("Z", 16)]), 1)
+    assert other.content_ids(seq, 3)[:3].tolist() == [1, 2, 3]
 
 
 def test_null_block_usage_and_fresh_allocation_order() -> None:
@@ -116,8 +142,8 @@ def test_null_block_usage_and_fresh_allocation_order() -> None:
     assert pool.free_queue() == [1, 2, 3, 4, 5, 6, 7, 8]  # block 0 is the null block
     assert pool.usage == 0.0
     got = pool.allocate(3)
-    assert got == [1, 2, 3]
-    assert pool.ref_cnt[1:4] == [1, 1, 1]
+    assert got.tolist() == [1, 2, 3]
+    assert pool.ref_cnt[1:4].tolist() == [1, 1, 1]
     assert pool.usage == pytest.approx(3 / 8)
     with pytest.raises(ValueError, match="only 5 free"):
         pool.allocate(6)
@@ -132,85 +158,106 @@ def test_freed_request_goes_tail_first_and_lru_evicts_its_tail_first() -> None:
     before its head.
     """
     pool = BlockPool(9)
-    ha = _hashes("A", 3)
+    ha = _a(_ids(pool, "A", 3))
     a = pool.allocate(4)
-    assert a == [1, 2, 3, 4]
+    assert a.tolist() == [1, 2, 3, 4]
     pool.cache_blocks(a[:3], ha)
-    pool.free_request(a, ha, 3)
+    pool.free_request(a, 3)
     assert pool.free_queue() == [4, 5, 6, 7, 8, 3, 2, 1]
     assert pool.free_cached_blocks() == [3, 2, 1]
     assert pool.usage == 0.0  # free cached blocks count as free
     assert pool.num_cached_blocks == 3
-    assert pool.lookup(ha, 3) == [1, 2, 3]
+    assert pool.lookup(ha, 3).tolist() == [1, 2, 3]
 
     # Five blocks come from the head without touching A's cached blocks...
     b = pool.allocate(5)
-    assert b == [4, 5, 6, 7, 8]
+    assert b.tolist() == [4, 5, 6, 7, 8]
     assert pool.evictions == 0
     # ...the sixth reuses A's last block and evicts its content.
     c = pool.allocate(1)
-    assert c == [3]
+    assert c.tolist() == [3]
     assert pool.evictions == 1
-    assert pool.cached_block(ha[2]) is None
-    assert pool.lookup(ha, 3) == [1, 2]
+    assert pool.cached_block(int(ha[2])) is None
+    assert pool.lookup(ha, 3).tolist() == [1, 2]
     assert pool.free_queue() == [2, 1]
 
 
 def test_touch_pulls_free_cached_blocks_and_counts_references() -> None:
     pool = BlockPool(9)
-    ha = _hashes("A", 3)
+    ha = _a(_ids(pool, "A", 3))
     a = pool.allocate(3)
     pool.cache_blocks(a, ha)
-    pool.free_request(a, ha, 3)
+    pool.free_request(a, 3)
     hit = pool.lookup(ha, 2)  # e.g. the last token's block is never a hit
-    assert hit == [1, 2]
+    assert hit.tolist() == [1, 2]
     assert pool.count_free(hit) == 2
     pool.touch(hit)
     assert pool.ref_cnt[1] == 1 and pool.ref_cnt[2] == 1
     assert pool.free_queue() == [4, 5, 6, 7, 8, 3]
     # A second request shares block 1.
-    pool.touch([1])
+    pool.touch(_a([1]))
     assert pool.ref_cnt[1] == 2
-    assert pool.count_free([1, 2, 3]) == 1
+    assert pool.count_free(_a([1, 2, 3])) == 1
     # Dropping one reference keeps it in use; dropping the last frees it.
-    pool.free_request([1], ha, 1)
+    pool.free_request(_a([1]), 1)
     assert pool.ref_cnt[1] == 1
     assert 1 not in pool.free_queue()
-    pool.free_request([1, 2], ha, 2)
+    pool.free_request(_a([1, 2]), 2)
     assert pool.free_queue() == [4, 5, 6, 7, 8, 3, 2, 1]
-    with pytest.raises(ValueError, match="freed more often"):
-        pool.free_blocks([(1, ha[0])])
+    with pytest.raises(ValueError, match="block 1 freed more often"):
+        pool.free_blocks([1])
+    assert pool.free_queue() == [4, 5, 6, 7, 8, 3, 2, 1]  # the bad call changed nothing
+
+
+def test_touching_a_free_unfilled_block_takes_it_off_the_front() -> None:
+    pool = BlockPool(6)
+    pool.touch(_a([2, 4]))
+    assert pool.free_queue() == [1, 3, 5]
+    assert pool.num_free_blocks == 3
+    assert pool.allocate(3).tolist() == [1, 3, 5]
 
 
 def test_lookup_stops_at_first_miss_and_respects_max_blocks() -> None:
     pool = BlockPool(20)
-    h = _hashes("X", 5)
+    h = _a(_ids(pool, "X", 5))
     blocks = pool.allocate(5)
     pool.cache_blocks(blocks, h)
-    assert pool.lookup(h, 5) == blocks
-    assert pool.lookup(h, 3) == blocks[:3]
-    assert pool.lookup(h, 0) == []
-    other = _hashes("Y", 5)
-    assert pool.lookup(other, 5) == []
+    assert pool.lookup(h, 5).tolist() == blocks.tolist()
+    assert pool.lookup(h, 3).tolist() == blocks[:3].tolist()
+    assert pool.lookup(h, 0).tolist() == []
+    other = _a(_ids(pool, "Y", 5))
+    assert pool.lookup(other, 5).tolist() == []
     # A hole in the chain ends the hit even if later blocks are cached.
-    pool.free_request(blocks, h, 5)  # tail first: 5, 4, 3, 2, 1 at the tail
+    pool.free_request(blocks, 5)  # tail first: 5, 4, 3, 2, 1 at the tail
     pool.allocate(len(pool.free_queue()) - 5 + 1)  # evicts block 5 (hash h[4])
-    assert pool.lookup(h, 5) == blocks[:4]
+    assert pool.lookup(h, 5).tolist() == blocks[:4].tolist()
+
+
+def test_lookup_of_a_long_sequence_crosses_chunks() -> None:
+    pool = BlockPool(3000)
+    h = _a(_ids(pool, "L", 2500))
+    blocks = pool.allocate(2500)
+    pool.cache_blocks(blocks, h)
+    assert pool.lookup(h, 2500).tolist() == blocks.tolist()
+    # Evict one block in the middle (block 1700's content): the hit ends there.
+    pool.free_request(blocks[1700:1701], 1)
+    pool.allocate(pool.num_free_blocks)
+    assert pool.lookup(h, 2500).tolist() == blocks[:1700].tolist()
 
 
 def test_duplicate_content_keeps_oldest_and_promotes_on_eviction() -> None:
     pool = BlockPool(6)
-    h = _hashes("dup", 1)
+    h = _a(_ids(pool, "dup", 1))
     first = pool.allocate(1)
     second = pool.allocate(1)
     pool.cache_blocks(first, h)
     pool.cache_blocks(second, h)
     assert pool.num_cached_blocks == 2
-    assert pool.cached_block(h[0]) == first[0]
-    pool.free_request(first, h, 1)
+    assert pool.cached_block(int(h[0])) == first[0]
+    pool.free_request(first, 1)
     # Free queue: 3, 4, 5, then first (cached). Evict it: the copy takes over.
     assert pool.allocate(4)[-1] == first[0]
-    assert pool.cached_block(h[0]) == second[0]
+    assert pool.cached_block(int(h[0])) == second[0]
     assert pool.num_cached_blocks == 1
 
 
@@ -218,35 +265,36 @@ def test_unhashed_blocks_are_reused_first_lifo() -> None:
     pool = BlockPool(9)
     a = pool.allocate(2)  # [1, 2], never filled
     b = pool.allocate(2)  # [3, 4], never filled
-    pool.free_request(a, [], 0)
-    pool.free_request(b, [], 0)
+    pool.free_request(a, 0)
+    pool.free_request(b, 0)
     # Each request's blocks go to the front tail-first; the later free lands first.
     assert pool.free_queue()[:4] == [4, 3, 2, 1]
 
 
 def test_disabled_caching_never_caches() -> None:
     pool = BlockPool(5, enable_caching=False)
-    h = _hashes("A", 2)
+    h = _a(_ids(pool, "A", 2))
     a = pool.allocate(2)
     pool.cache_blocks(a, h)
     assert pool.num_cached_blocks == 0
-    assert pool.lookup(h, 2) == []
-    pool.free_request(a, h, 2)
+    assert pool.lookup(h, 2).tolist() == []
+    pool.free_request(a, 2)
     assert pool.free_queue() == [2, 1, 3, 4]
 
 
 def test_epoch_moves_only_when_a_hit_could_grow() -> None:
     pool = BlockPool(9)
-    h = _hashes("W", 3)
+    h = _a(_ids(pool, "W", 3))
     a = pool.allocate(3)
     e0 = pool.epoch
     pool.watch(h[:2])
+    assert pool.watching() and pool.watched(int(h[0])) and not pool.watched(int(h[2]))
     pool.cache_blocks(a[2:], h[2:])  # not watched
     assert pool.epoch == e0
     pool.cache_blocks(a[:2], h[:2])  # watched
     assert pool.epoch == e0 + 1
-    pool.free_request(a, h, 3)
+    pool.free_request(a, 3)
     assert pool.epoch == e0 + 1  # frees never bump it
-    pool.touch([a[0]])  # pulled out of the free queue
+    pool.touch(a[:1])  # pulled out of the free queue
     assert pool.epoch == e0 + 2
     pool.unwatch()

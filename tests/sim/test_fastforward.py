@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 
 from concur.policies import build_policy
@@ -244,13 +245,14 @@ def test_cache_block_is_cache_blocks_for_one_block() -> None:
     for pool in pools:
         pool.watch([7, 8])
     blocks = pools[0].allocate(10)
-    assert pools[1].allocate(10) == blocks
-    hashes = [5, 6, 7, 5, 9, 7, 1, 2, 3, 6]  # duplicates of 5, 6 and 7; 7 is watched
-    for b, h in zip(blocks, hashes, strict=True):
-        pools[0].cache_blocks([b], [h])
-        pools[1].cache_block(b, h)
+    assert pools[1].allocate(10).tolist() == blocks.tolist()
+    ids = [5, 6, 7, 5, 9, 7, 1, 2, 3, 6]  # duplicates of 5, 6 and 7; 7 is watched
+    for b, cid in zip(blocks.tolist(), ids, strict=True):
+        pools[0].cache_blocks(np.array([b]), np.array([cid]))
+        pools[1].cache_block(b, cid)
     a, b = pools
-    assert (a._cached, a._dups, a.epoch) == (b._cached, b._dups, b.epoch)
+    assert a._cached.tolist() == b._cached.tolist()
+    assert (a._dups, a.epoch) == (b._dups, b.epoch)
     assert a.epoch == 2 and a._dups == {5: [blocks[3]], 7: [blocks[5]], 6: [blocks[9]]}
 
 

@@ -52,7 +52,7 @@ def test_preempts_most_recently_admitted_and_requeues_it_first() -> None:
     assert c.status is RequestStatus.PREEMPTED
     assert c.num_computed == 0
     assert c.num_output == 2
-    assert c.blocks == []
+    assert len(c.blocks) == 0
     assert s.preemptions == 1
     # No admission in a step that preempted (even though budget was left).
     assert b3.admitted == ()
