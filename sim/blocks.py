@@ -440,14 +440,24 @@ class BlockPool:
         idmap = self._idmap
         hashes = list(hashes)
         ids = list(map(idmap.get, hashes))
-        if None in ids:
-            for i, h in enumerate(hashes):
+        if None not in ids:
+            return ids  # type: ignore[return-value]  # no None in it
+        first = ids.index(None)
+        size = len(idmap)
+        tail = dict(zip(hashes[first:], range(size, size + len(hashes) - first), strict=True))
+        if ids.count(None) == len(tail) == len(hashes) - first:
+            # The usual case: all new from ``first`` on (a sequence's new tail).
+            idmap.update(tail)
+            ids[first:] = tail.values()
+        else:
+            for i in range(first, len(hashes)):
                 if ids[i] is None:
+                    h = hashes[i]
                     cid = idmap.get(h)
                     if cid is None:
                         cid = idmap[h] = len(idmap)
                     ids[i] = cid
-            self._reserve_ids(len(idmap))
+        self._reserve_ids(len(idmap))
         return ids  # type: ignore[return-value]  # no None left
 
     def content_ids(self, seq: TokenSeq, num_blocks: int) -> BlockArray:
@@ -463,6 +473,17 @@ class BlockPool:
         have = seq._nids
         buf = seq._ids
         if have >= num_blocks:
+            return buf
+        if num_blocks == have + 1 and have < len(buf):
+            # One more block (a decoding request filling its next block).
+            h = seq.hashes_upto(num_blocks)[have]
+            idmap = self._idmap
+            cid = idmap.get(h)
+            if cid is None:
+                cid = idmap[h] = len(idmap)
+                self._reserve_ids(cid + 1)
+            buf[have] = cid
+            seq._nids = num_blocks
             return buf
         new = self.intern(seq.hashes_upto(num_blocks)[have:num_blocks])
         if len(buf) < num_blocks:
@@ -620,6 +641,38 @@ class BlockPool:
                 out = popped
         self.ref_cnt[out] = 1
         return out
+
+    def allocate_one(self) -> int:
+        """``allocate(1)``, as a block number (the common case while decoding)."""
+        if not self.num_free:
+            raise ValueError("cannot allocate 1 block: none free")
+        self.num_free -= 1
+        top = self._top
+        if top:
+            b = int(self._front[top - 1])
+            self._top = top - 1
+        else:
+            # The first live entry of the cached part; evict its content.
+            q = self._q
+            qpos = self._qpos
+            head = self._head
+            while True:
+                b = int(q[head])
+                head += 1
+                if qpos[b] == head - 1:
+                    break
+            self._head = head
+            self._nmain -= 1
+            qpos[b] = -1
+            cid = int(self._block_id[b])
+            self._block_id[b] = -1
+            self.evictions += 1
+            if self._dups and self._has_dup[cid]:
+                self._evict_dup(b, cid)
+            else:
+                self._cached[cid] = -1
+        self.ref_cnt[b] = 1
+        return b
 
     def _pop_cached(self, n: int) -> BlockArray:
         """Take the first ``n`` live entries of the cached part of the queue

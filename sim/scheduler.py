@@ -442,7 +442,10 @@ class Scheduler:
                             break
                     if victim is r:
                         break
-                r.blocks = np.concatenate((r.blocks, pool.allocate(need)))
+                if need == 1:
+                    r.blocks = np.append(r.blocks, pool.allocate_one())
+                else:
+                    r.blocks = np.concatenate((r.blocks, pool.allocate(need)))
             if caching:
                 full = end // bs
                 if full > r.num_cached_blocks:
@@ -665,11 +668,11 @@ class Scheduler:
             )
         bs = self.block_size
         pool = self.pool
-        allocate = pool.allocate
+        allocate_one = pool.allocate_one
         cache_block = pool.cache_block
         content_ids = pool.content_ids
         seq_of = self._seq
-        concat = np.concatenate
+        append = np.append
         actions = plan.actions
         watch = plan.watch
         # Blocks are handed out and cached step by step in running order, as
@@ -681,7 +684,7 @@ class Scheduler:
                 break
             for r, alloc in phase:
                 if alloc:
-                    r.blocks = concat((r.blocks, allocate(1)))
+                    r.blocks = append(r.blocks, allocate_one())
                 else:
                     nc = r.num_cached_blocks
                     ids = content_ids(seq_of(r, r.num_prompt + r.num_output + j), nc + 1)

@@ -298,3 +298,15 @@ def test_epoch_moves_only_when_a_hit_could_grow() -> None:
     pool.touch(a[:1])  # pulled out of the free queue
     assert pool.epoch == e0 + 2
     pool.unwatch()
+
+
+def test_intern_numbers_new_hashes_in_order_of_first_sight() -> None:
+    pool = BlockPool(4)
+    assert pool.intern([10, 11, 12]) == [0, 1, 2]
+    assert pool.intern([11, 13, 14]) == [1, 3, 4]  # a known head, a new tail
+    assert pool.intern([15, 10, 16, 15, 16]) == [5, 0, 6, 5, 6]  # mixed, repeats
+    assert pool.intern([]) == []
+    # Ids beyond the initial arrays grow them.
+    many = pool.intern(range(100, 5000))
+    assert many == list(range(7, 4907))
+    assert pool.cached_block(4906) is None
