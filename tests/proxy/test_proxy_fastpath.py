@@ -24,7 +24,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, Start, chat, sse_events, sse_json
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -178,6 +178,53 @@ def test_sse_usage_matches_reference(
     assert fast == ref  # the same bytes relayed at the same moments, the same usage
     if not strip:
         assert fast[0] == pieces  # relayed unchanged and at once
+
+
+@st.composite
+def event_chunks(draw: st.DrawFn) -> list[bytes]:
+    """Streams cut only between events (how engines write them): each chunk whole events."""
+    events = draw(
+        st.lists(
+            st.tuples(st.sampled_from(PAYLOADS), st.sampled_from(SEPARATORS), st.booleans()),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    raw = [(b"data: " if space else b"data:") + p.encode() + sep for p, sep, space in events]
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(raw)), max_size=4))))
+    bounds = [0, *cuts, len(raw)]
+    return [b"".join(raw[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+_USAGE_EVENT = b"data: " + json.dumps(USAGE).encode() + b"\n\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_chunks(), st.booleans(), st.sampled_from([1 << 20, 40]))
+@example([b"data: x\n\n\n" + _USAGE_EVENT], True, 1 << 20)  # a run of newlines before it
+@example([b"\n\n" + _USAGE_EVENT + b"data: [DONE]\n\n"], True, 1 << 20)  # a blank first
+@example([_USAGE_EVENT + _USAGE_EVENT], True, 1 << 20)  # two usage events in one chunk
+def test_sse_usage_whole_event_chunks_match_reference(
+    pieces: list[bytes], strip: bool, max_event: int
+) -> None:
+    # The single-usage-event path of SSEUsage.feed (the final usage chunk, alone or
+    # with [DONE]) against the event-by-event splitter.
+    fast = _run(SSEUsage(strip_usage_chunk=strip, max_event_bytes=max_event), pieces)
+    ref = _run(ReferenceSSEUsage(strip_usage_chunk=strip, max_event_bytes=max_event), pieces)
+    assert fast == ref
+
+
+def test_sse_usage_final_chunk_is_stripped_in_one_piece() -> None:
+    usage = b"data: " + json.dumps(USAGE).encode() + b"\n\n"
+    for strip in (True, False):
+        sse = SSEUsage(strip_usage_chunk=strip)
+        chunk = b"data: " + json.dumps(CHUNK).encode() + b"\n\n"
+        assert sse.feed(chunk) == chunk
+        out = sse.feed(usage + b"data: [DONE]\n\n")
+        assert out == (b"data: [DONE]\n\n" if strip else usage + b"data: [DONE]\n\n")
+        assert sse.flush() == b""
+        assert sse.tokens == 10
+        assert sse.stripped == (1 if strip else 0)
 
 
 def test_sse_usage_plain_chunks_are_relayed_at_once() -> None:
