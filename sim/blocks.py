@@ -353,11 +353,18 @@ class BlockPool:
     operation against a one-object-per-block model in
     ``tests/sim/test_block_pool_model.py``).
 
+    Content ids are recycled: once ``max_ids`` have been handed out, the ids of
+    content no longer cached are dropped and the rest renumbered, so a pool that
+    runs for ever (``concur engine``) holds ids for at most ``max_ids`` hashes,
+    not for every block it ever saw.
+
     Args:
         num_blocks: blocks in the pool, the null block included (vLLM's
             ``num_gpu_blocks``).
         block_size: tokens per block.
         enable_caching: prefix caching (vLLM's ``enable_prefix_caching``).
+        max_ids: content ids to hand out before recycling them (default: 64 per
+            block, at least 2**20; below the number of blocks it recycles often).
     """
 
     __slots__ = (
@@ -367,8 +374,10 @@ class BlockPool:
         "_dups",
         "_front",
         "_has_dup",
+        "_hash_of",
         "_head",
         "_idmap",
+        "_max_ids",
         "_nmain",
         "_q",
         "_qpos",
@@ -386,12 +395,19 @@ class BlockPool:
     )
 
     def __init__(
-        self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, enable_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        enable_caching: bool = True,
+        max_ids: int | None = None,
     ) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (one is the null block), got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_ids is not None and max_ids < 1:
+            raise ValueError(f"max_ids must be >= 1, got {max_ids}")
+        self._max_ids = max(1 << 20, 64 * num_blocks) if max_ids is None else max_ids
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
@@ -418,6 +434,7 @@ class BlockPool:
         # Content ids: hash -> id, and per id the oldest block cached under it
         # (-1: none); younger copies of the same content in _dups.
         self._idmap: dict[int, int] = {}
+        self._hash_of: list[int] = []  # id -> hash
         ids = max(1024, 2 * num_blocks)
         self._cached: BlockArray = np.full(ids, -1, np.int64)
         self._has_dup = np.zeros(ids, np.bool_)
@@ -436,7 +453,14 @@ class BlockPool:
 
     def intern(self, hashes: Iterable[int]) -> list[int]:
         """Content ids of block hashes: equal hashes get equal ids, ids are
-        dense (``0, 1, 2, ...`` in order of first sight)."""
+        dense (``0, 1, 2, ...`` in order of first sight). Ids taken before a
+        call are void after it if it recycled them (see the class docstring);
+        :meth:`content_ids` keeps a sequence's ids in step."""
+        if len(self._idmap) >= self._max_ids:
+            self._recycle_ids()
+        return self._intern(hashes)
+
+    def _intern(self, hashes: Iterable[int]) -> list[int]:
         idmap = self._idmap
         hashes = list(hashes)
         ids = list(map(idmap.get, hashes))
@@ -449,6 +473,7 @@ class BlockPool:
             # The usual case: all new from ``first`` on (a sequence's new tail).
             idmap.update(tail)
             ids[first:] = tail.values()
+            self._hash_of.extend(tail)
         else:
             for i in range(first, len(hashes)):
                 if ids[i] is None:
@@ -456,6 +481,7 @@ class BlockPool:
                     cid = idmap.get(h)
                     if cid is None:
                         cid = idmap[h] = len(idmap)
+                        self._hash_of.append(h)
                     ids[i] = cid
         self._reserve_ids(len(idmap))
         return ids  # type: ignore[return-value]  # no None left
@@ -466,6 +492,8 @@ class BlockPool:
         Kept on ``seq`` (and carried by its copies), so a context extended step
         after step is interned once overall. Returns at least ``num_blocks``
         ids; read only the first ``num_blocks``, and do not mutate them."""
+        if len(self._idmap) >= self._max_ids:
+            self._recycle_ids()  # a new id map: every sequence re-interns
         if seq._id_owner is not self._idmap:
             seq._id_owner = self._idmap
             seq._ids = _EMPTY
@@ -481,11 +509,12 @@ class BlockPool:
             cid = idmap.get(h)
             if cid is None:
                 cid = idmap[h] = len(idmap)
+                self._hash_of.append(h)
                 self._reserve_ids(cid + 1)
             buf[have] = cid
             seq._nids = num_blocks
             return buf
-        new = self.intern(seq.hashes_upto(num_blocks)[have:num_blocks])
+        new = self._intern(seq.hashes_upto(num_blocks)[have:num_blocks])
         if len(buf) < num_blocks:
             grown = np.empty(max(num_blocks, 2 * len(buf), 64), np.int64)
             grown[:have] = buf[:have]
@@ -493,6 +522,35 @@ class BlockPool:
         buf[have:num_blocks] = new
         seq._nids = num_blocks
         return buf
+
+    def _recycle_ids(self) -> None:
+        """Drop the ids of content that is neither cached nor watched and
+        renumber the rest densely, in a new id map (sequences notice the new
+        map and re-intern). Changes no behaviour: blocks, queue and hits stay."""
+        keep = self._cached[: len(self._hash_of)] >= 0
+        if len(self._watched):
+            keep[self._watched] = True
+        old = np.flatnonzero(keep)
+        n = len(old)
+        remap = np.full(len(self._cached), -1, np.int64)
+        remap[old] = np.arange(n, dtype=np.int64)
+        hash_of = self._hash_of
+        self._hash_of = [hash_of[i] for i in old.tolist()]
+        self._idmap = dict(zip(self._hash_of, range(n), strict=True))
+        size = len(self._cached)
+        cached = np.full(size, -1, np.int64)
+        cached[:n] = self._cached[old]
+        has_dup = np.zeros(size, np.bool_)
+        has_dup[:n] = self._has_dup[old]
+        self._cached = cached
+        self._has_dup = has_dup
+        self._dups = {int(remap[cid]): blocks for cid, blocks in self._dups.items()}
+        held = self._block_id >= 0
+        self._block_id[held] = remap[self._block_id[held]]
+        self._watch_mask = np.zeros(size, np.bool_)
+        if len(self._watched):
+            self._watched = remap[self._watched]
+            self._watch_mask[self._watched] = True
 
     def _reserve_ids(self, num_ids: int) -> None:
         """Grow the per-content-id arrays to hold ids ``< num_ids``."""
