@@ -3,7 +3,8 @@
 Kept only as the reference model for ``tests/sim/test_block_pool_model.py``: it
 mirrors vLLM's ``FreeKVCacheBlockQueue`` one Python object per block, which is
 easy to read and check against vLLM, and the array-backed pool must agree with
-it operation by operation. Content ids stand in for block hashes.
+it operation by operation. It is keyed by block hash, the array pool by the
+content id it interns for that hash.
 """
 
 from __future__ import annotations
