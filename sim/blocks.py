@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "EMPTY_BLOCKS",
     "BlockArray",
     "BlockPool",
     "Prompt",
@@ -63,9 +64,9 @@ _LOOKUP_CHUNK = 256
 BlockArray: TypeAlias = "NDArray[np.int64]"
 """Block numbers (or content ids) as a 1-D int64 array."""
 
-_EMPTY: BlockArray = np.zeros(0, np.int64)
+EMPTY_BLOCKS: BlockArray = np.zeros(0, np.int64)
 """An empty, read-only block (or content id) array."""
-_EMPTY.flags.writeable = False
+EMPTY_BLOCKS.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,7 @@ class TokenSeq:
         self._cur_off = 0
         # Content ids of the first _nids blocks, from the pool whose id map is
         # _id_owner (see BlockPool.content_ids).
-        self._ids: BlockArray = _EMPTY
+        self._ids: BlockArray = EMPTY_BLOCKS
         self._nids = 0
         self._id_owner: object = None
         self.extend(*segments)
@@ -237,7 +238,7 @@ class TokenSeq:
         new._cur_seg = self._cur_seg
         new._cur_off = self._cur_off
         n = self._nids
-        new._ids = self._ids[:n].copy() if n else _EMPTY
+        new._ids = self._ids[:n].copy() if n else EMPTY_BLOCKS
         new._nids = n
         new._id_owner = self._id_owner
         return new
@@ -440,7 +441,7 @@ class BlockPool:
         self._has_dup = np.zeros(ids, np.bool_)
         self._dups: dict[int, list[int]] = {}
         self._watch_mask = np.zeros(ids, np.bool_)
-        self._watched: BlockArray = _EMPTY
+        self._watched: BlockArray = EMPTY_BLOCKS
         self.evictions = 0
         """Cached blocks whose content was dropped because the block was reused."""
         self.epoch = 0
@@ -479,10 +480,7 @@ class BlockPool:
                 if ids[i] is None:
                     h = hashes[i]
                     cid = idmap.get(h)
-                    if cid is None:
-                        cid = idmap[h] = len(idmap)
-                        self._hash_of.append(h)
-                    ids[i] = cid
+                    ids[i] = self._new_id(h) if cid is None else cid
         self._reserve_ids(len(idmap))
         return ids  # type: ignore[return-value]  # no None left
 
@@ -496,7 +494,7 @@ class BlockPool:
             self._recycle_ids()  # a new id map: every sequence re-interns
         if seq._id_owner is not self._idmap:
             seq._id_owner = self._idmap
-            seq._ids = _EMPTY
+            seq._ids = EMPTY_BLOCKS
             seq._nids = 0
         have = seq._nids
         buf = seq._ids
@@ -505,13 +503,8 @@ class BlockPool:
         if num_blocks == have + 1 and have < len(buf):
             # One more block (a decoding request filling its next block).
             h = seq.hashes_upto(num_blocks)[have]
-            idmap = self._idmap
-            cid = idmap.get(h)
-            if cid is None:
-                cid = idmap[h] = len(idmap)
-                self._hash_of.append(h)
-                self._reserve_ids(cid + 1)
-            buf[have] = cid
+            cid = self._idmap.get(h)
+            buf[have] = self._new_id(h) if cid is None else cid
             seq._nids = num_blocks
             return buf
         new = self._intern(seq.hashes_upto(num_blocks)[have:num_blocks])
@@ -522,6 +515,13 @@ class BlockPool:
         buf[have:num_blocks] = new
         seq._nids = num_blocks
         return buf
+
+    def _new_id(self, block_hash: int) -> int:
+        """Hand out the next id, for a hash not in the id map."""
+        cid = self._idmap[block_hash] = len(self._idmap)
+        self._hash_of.append(block_hash)
+        self._reserve_ids(cid + 1)
+        return cid
 
     def _recycle_ids(self) -> None:
         """Drop the ids of content that is neither cached nor watched and
@@ -607,7 +607,7 @@ class BlockPool:
         """The longest run of cached blocks matching ``ids[:max_blocks]`` from
         the start (vLLM's ``find_longest_cache_hit``). No side effects."""
         if not self.enable_caching or max_blocks <= 0:
-            return _EMPTY
+            return EMPTY_BLOCKS
         # A chunk at a time (doubling), stopping at the first miss.
         cached = self._cached
         parts: list[BlockArray] = []
@@ -642,7 +642,7 @@ class BlockPool:
     def unwatch(self) -> None:
         if len(self._watched):
             self._watch_mask[self._watched] = False
-            self._watched = _EMPTY
+            self._watched = EMPTY_BLOCKS
 
     def watching(self) -> bool:
         """Is a watch set in place?"""
@@ -684,7 +684,7 @@ class BlockPool:
         if num_blocks > self.num_free:
             raise ValueError(f"cannot allocate {num_blocks} blocks: only {self.num_free} free")
         if num_blocks <= 0:
-            return _EMPTY
+            return EMPTY_BLOCKS
         self.num_free -= num_blocks
         top = self._top
         if num_blocks <= top:

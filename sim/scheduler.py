@@ -44,7 +44,7 @@ from enum import Enum
 
 import numpy as np
 
-from concur.sim.blocks import BlockArray, BlockPool, TokenSeq, output_key
+from concur.sim.blocks import EMPTY_BLOCKS, BlockArray, BlockPool, TokenSeq, output_key
 
 __all__ = [
     "DecodePlan",
@@ -158,7 +158,7 @@ class RequestState:
         self.num_output = 0
         self.num_computed = 0
         self.high_water = 0  # most tokens ever computed, as of the last preemption
-        self.blocks: BlockArray = _NO_BLOCKS
+        self.blocks: BlockArray = EMPTY_BLOCKS
         self.num_cached_blocks = 0
         self.status = RequestStatus.WAITING
         self.arrival_time = now
@@ -253,10 +253,6 @@ class DecodePlan:
             if free < 0:
                 return j
         return min(max_steps, self.max_steps)
-
-
-_NO_BLOCKS: BlockArray = np.zeros(0, np.int64)
-_NO_BLOCKS.flags.writeable = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -368,7 +364,7 @@ class Scheduler:
 
     def _free(self, state: RequestState) -> None:
         self.pool.free_request(state.blocks, state.num_cached_blocks)
-        state.blocks = _NO_BLOCKS
+        state.blocks = EMPTY_BLOCKS
         state.num_cached_blocks = 0
 
     def _preempt(self, state: RequestState) -> None:
@@ -487,7 +483,7 @@ class Scheduler:
                     ids = pool.content_ids(self._seq(r, ntok), max_hit)
                     hit = pool.lookup(ids, max_hit)
                 else:
-                    hit = _NO_BLOCKS
+                    hit = EMPTY_BLOCKS
                 nhit = len(hit)
                 comp = nhit * bs
                 n = ntok - comp
