@@ -37,7 +37,6 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 from yarl import URL
@@ -51,7 +50,8 @@ from concur.control import Controller, TickRecord
 from concur.metrics import ConcurMetrics, GaugeValues
 from concur.policies import PolicyError, PolicySettings, build_policy
 from concur.poller import Poller
-from concur.proxy import Proxy, ProxyOptions, make_session, openai_error
+from concur.proxy import Proxy, ProxyOptions, make_upstream, openai_error
+from concur.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("concur.app")
 
@@ -152,9 +152,9 @@ class Runtime:
         )
         self.poller = poller if poller is not None else make_poller(settings, clock)
         self.options = proxy_options(settings)
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream: Upstream | None = None
         # Built now so the application can route to its handler directly; it gets its
-        # upstream session (which needs the running loop) in start().
+        # upstream client (whose connections need the running loop) in start().
         self.proxy = Proxy(self.options, self.gate, self.metrics)
         self.started_at = clock()
         self._control_task: asyncio.Task[None] | None = None
@@ -163,7 +163,7 @@ class Runtime:
     # ----------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.session = self.proxy.session = make_session(self.options)
+        self.upstream = self.proxy.upstream = make_upstream(self.options)
         self.poller.start()
         self._control_task = asyncio.create_task(self._control_loop(), name="concur-control")
         logs.event(
@@ -196,8 +196,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.poller.stop()
-        if self.session is not None:
-            await self.session.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         logs.event(log, "stopped", active=self.gate.active, queued=self.gate.queued)
 
     async def _control_loop(self) -> None:
@@ -467,18 +467,18 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _probe_upstream(rt: Runtime) -> str | None:
     """None when the upstream answers ``GET /health`` below 500; else why not."""
-    if rt.session is None:
+    if rt.upstream is None:
         return "not started"
     url = rt.options.upstream.rstrip("/") + "/health"
-    timeout = aiohttp.ClientTimeout(total=min(2.0, rt.options.connect_timeout or 2.0))
     try:
-        async with rt.session.get(url, timeout=timeout, allow_redirects=False) as resp:
-            if resp.status >= 500:
-                return f"upstream {_redact(url)} answered HTTP {resp.status}"
+        async with asyncio.timeout(min(2.0, rt.options.connect_timeout or 2.0)):
+            status = await rt.proxy.get_status("/health")
     except TimeoutError:
         return f"upstream {_redact(url)} did not answer in time"
-    except aiohttp.ClientError as exc:
+    except UpstreamError as exc:
         return f"upstream {_redact(url)} unreachable: {type(exc).__name__}: {exc}"
+    if status >= 500:
+        return f"upstream {_redact(url)} answered HTTP {status}"
     return None
 
 
@@ -497,7 +497,7 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application for ``concur serve``.
 
-    The runtime starts with the application (client session, poller, control
+    The runtime starts with the application (upstream client, poller, control
     loop); ``on_shutdown`` closes the gate (queued agents get 503) while the
     server lets in-flight requests finish; cleanup stops the loops.
     """

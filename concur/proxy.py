@@ -9,7 +9,8 @@ query, body and end-to-end headers. Only *agent steps* are gated:
 * everything else (``GET /v1/models``, ``/tokenize``, embeddings, health checks, ...)
   is forwarded straight through, never queued.
 
-Responses are relayed chunk by chunk as they arrive (``web.StreamResponse``),
+Requests go out through concur's own HTTP/1.1 client (:mod:`concur.upstream`);
+responses are relayed chunk by chunk as they arrive (``web.StreamResponse``),
 never buffered. When the proxy injected ``stream_options.include_usage`` into a
 streaming request, the usage-only chunk this adds is dropped from the relayed
 stream (see :class:`concur.usage.SSEUsage`). A client that goes away cancels the
@@ -29,9 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from concur import logs
@@ -46,6 +46,7 @@ from concur.admission import (
 )
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
 from concur.metrics import ConcurMetrics
+from concur.upstream import InvalidRequestHead, Upstream, UpstreamError, UpstreamResponse
 from concur.usage import (
     SSEUsage,
     encode_with_include_usage,
@@ -125,7 +126,7 @@ def hop_by_hop(headers: Mapping[str, str]) -> set[str]:
     return names
 
 
-def _skipped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+def _skipped(headers: MultiMapping[str], base: frozenset[str]) -> frozenset[str]:
     """``base`` plus the names listed in ``headers``' Connection header (usually none)."""
     values = headers.getall("Connection", ())
     if not values:
@@ -133,7 +134,7 @@ def _skipped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[
     return base | {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
 
-def _filtered(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> CIMultiDict[str]:
+def _filtered(headers: MultiMapping[str], skip: frozenset[str]) -> CIMultiDict[str]:
     """A copy of ``headers`` without the names in ``skip`` and without ``Proxy-*``.
 
     ``skip`` holds lower-case names. Usually no name contains ``proxy-`` at all: then
@@ -149,7 +150,7 @@ def _filtered(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> CIMultiDi
     return out
 
 
-def _filtered_each(headers: CIMultiDictProxy[str], skip: frozenset[str]) -> CIMultiDict[str]:
+def _filtered_each(headers: MultiMapping[str], skip: frozenset[str]) -> CIMultiDict[str]:
     """:func:`_filtered`, header by header."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
@@ -243,9 +244,9 @@ class _UpstreamTimer:
     First the response headers get ``first_byte`` seconds: when they pass, the
     request's task is cancelled, as ``asyncio.timeout`` would, and :meth:`failed`
     reports the timeout. Then the body may be silent for ``read`` seconds between
-    chunks: the relay loop stamps :attr:`since` before each read and clears it after,
-    and the deadline, re-armed only when it comes up early (not per chunk), fails the
-    body stream with :class:`UpstreamReadTimeout` once a read has waited too long. Time
+    chunks: the response stamps ``since`` while a read waits for the upstream, and
+    the deadline, re-armed only when it comes up early (not per chunk), fails the
+    body with :class:`UpstreamReadTimeout` once a read has waited too long. Time
     spent writing to a slow client is not silence.
 
     The first deadline is the earlier of the first-byte one and ``read`` seconds from
@@ -264,7 +265,6 @@ class _UpstreamTimer:
         "_stream",
         "_task",
         "_when",
-        "since",
     )
 
     def __init__(self, deadlines: _Deadlines, first_byte: float | None, read: float | None) -> None:
@@ -274,11 +274,10 @@ class _UpstreamTimer:
         self._task: asyncio.Task[Any] | None = None
         self._cancelling = 0
         self._expired = False
-        self._stream: aiohttp.StreamReader | None = None
+        self._stream: UpstreamResponse | None = None
         self._deadline = math.inf
         self._when: float | None = None
         """The instant the timer is armed for (None: not armed)."""
-        self.since: float | None = None
         if first_byte is not None:
             loop = deadlines.loop
             self._task = asyncio.current_task(loop)
@@ -295,7 +294,7 @@ class _UpstreamTimer:
         self.cancel()
         return expired and cancelled
 
-    def responded(self, stream: aiohttp.StreamReader) -> None:
+    def responded(self, stream: UpstreamResponse) -> None:
         """The headers are in: watch ``stream`` for silence from now on."""
         self._uncancel()  # (a deadline that fired in the same instant still cancels, as before)
         self._body = True
@@ -343,7 +342,7 @@ class _UpstreamTimer:
             return
         assert self._read is not None and self._stream is not None
         now = self._deadlines.loop.time()
-        since = self.since
+        since = self._stream.since
         if since is not None and now - since >= self._read:
             self._stream.set_exception(
                 UpstreamReadTimeout(
@@ -359,30 +358,17 @@ def _is_json(content_type: str) -> bool:
     return ct == "application/json" or (ct.startswith("application/") and ct.endswith("+json"))
 
 
-def make_session(options: ProxyOptions) -> aiohttp.ClientSession:
-    """The one upstream client: pooled keep-alive connections, no cookies, no decoding.
+def make_upstream(options: ProxyOptions) -> Upstream:
+    """The one upstream client: pooled keep-alive connections, bodies relayed as they are.
 
-    ``auto_decompress=False`` relays compressed bodies byte for byte with their
-    ``Content-Encoding``; a dummy cookie jar keeps one agent's cookies from leaking
-    to another through the shared session; ``trust_env=False`` ignores proxy
-    environment variables, so the upstream is only ever the configured one.
+    Nothing is decoded (compressed bodies go through byte for byte with their
+    ``Content-Encoding``), no cookies are kept (one agent's cannot leak to another)
+    and no proxy environment variable applies: the upstream is only ever the
+    configured one. Idle connections are dropped after 4 s, before uvicorn's (vLLM's)
+    5 s keep-alive expires, so a POST is never sent on a connection the engine is
+    closing.
     """
-    # Idle upstream connections are dropped after 4 s, before uvicorn's (vLLM's) 5 s
-    # keep-alive expires, so a POST is never sent on a connection the engine is closing.
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, keepalive_timeout=4.0, ttl_dns_cache=300
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=options.connect_timeout, sock_connect=options.connect_timeout
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-    )
+    return Upstream(options.upstream, connect_timeout=options.connect_timeout, keepalive=4.0)
 
 
 @dataclass(slots=True)
@@ -408,18 +394,17 @@ class Proxy:
         options: ProxyOptions,
         gate: AdmissionGate,
         metrics: ConcurMetrics,
-        session: aiohttp.ClientSession | None = None,
+        upstream: Upstream | None = None,
     ) -> None:
         self.options = options
         self.gate = gate
         self.metrics = metrics
-        self.session = session
+        self.upstream = upstream
         """The upstream client; may be set after construction, before the first request."""
         self.identity = IdentityExtractor(options.identity, options.max_identity_bytes)
         up = URL(options.upstream)
         if up.scheme not in ("http", "https") or not up.host:
             raise ValueError(f"upstream URL {options.upstream!r} must be http(s)://host[:port]")
-        self._origin = str(up.origin())
         self._base = up.raw_path.rstrip("/")
         # Credentials in the upstream URL are sent unless the client sent its own.
         self._auth: str | None = None
@@ -428,8 +413,23 @@ class Proxy:
             self._auth = "Basic " + base64.b64encode(pair).decode("ascii")
         self.in_flight = 0
         self._request_id = RequestIds()
-        self._targets: dict[str, URL] = {}
+        self._targets: dict[str, str] = {}
         self._deadlines: _Deadlines | None = None
+
+    async def get_status(self, path: str) -> int:
+        """The status of ``GET <base path><path>`` on the upstream (its body is dropped)."""
+        upstream = self.upstream
+        assert upstream is not None, "Proxy.upstream is not set"
+        headers = {"Authorization": self._auth} if self._auth is not None else {}
+        resp = await upstream.request("GET", self._base + path, headers)
+        try:
+            while await resp.read():
+                pass
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+        return resp.status
 
     # --------------------------------------------------------------- entry
 
@@ -578,25 +578,25 @@ class Proxy:
                 raise _BodyTooLarge
         return bytes(buf)
 
-    def target_url(self, request: web.Request) -> URL:
-        """The upstream URL for ``request``: configured origin + base path + the raw path.
+    def target(self, request: web.Request) -> str:
+        """The upstream request target for ``request``: base path + the raw path and query.
 
         Only the path and query come from the client (an absolute-form request
-        target's host is ignored), so no request can point the proxy elsewhere.
+        target's host is ignored); the origin is always the configured one, so no
+        request can point the proxy elsewhere.
         """
         # A function of the request target alone, and agents send the same few: cached.
-        target = request.raw_path
-        url = self._targets.get(target)
-        if url is None:
+        raw_target = request.raw_path
+        target = self._targets.get(raw_target)
+        if target is None:
             rel = request.rel_url
             path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
             query = rel.raw_query_string
-            raw = self._origin + self._base + path + ("?" + query if query else "")
-            url = URL(raw, encoded=True)
+            target = self._base + path + ("?" + query if query else "")
             if len(self._targets) >= _MAX_CACHED_TARGETS:
                 self._targets.clear()
-            self._targets[target] = url
-        return url
+            self._targets[raw_target] = target
+        return target
 
     def upstream_headers(self, request: web.Request, step: _Step) -> CIMultiDict[str]:
         out = _filtered(request.headers, _skipped(request.headers, _REQUEST_SKIP))
@@ -619,8 +619,8 @@ class Proxy:
         step: _Step,
     ) -> web.StreamResponse:
         opts = self.options
-        session = self.session
-        assert session is not None, "Proxy.session is not set"
+        upstream = self.upstream
+        assert upstream is not None, "Proxy.upstream is not set"
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadlines = self._deadlines
@@ -628,23 +628,27 @@ class Proxy:
             deadlines = self._deadlines = _Deadlines(loop)
         timer = _UpstreamTimer(deadlines, opts.first_byte_timeout, opts.read_timeout)
         try:
-            up = await session.request(
+            up = await upstream.request(
                 request.method,
-                self.target_url(request),
-                headers=self.upstream_headers(request, step),
-                data=body if body or request.body_exists else None,
-                allow_redirects=False,
+                self.target(request),
+                self.upstream_headers(request, step),
+                body if body or request.body_exists else None,
             )
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
-            if timer.failed(cancelled) or isinstance(exc, TimeoutError):
+            if timer.failed(cancelled):
                 return self._upstream_failed(rid, step, 504, "timeout", started)
-            if isinstance(exc, aiohttp.ClientError):
+            if isinstance(exc, TimeoutError):  # no connection in time
+                return self._upstream_failed(rid, step, 504, "timeout", started, exc)
+            if isinstance(exc, UpstreamError):
                 return self._upstream_failed(rid, step, 502, "error", started, exc)
+            if isinstance(exc, InvalidRequestHead):
+                logs.event(log, "request_rejected", request_id=rid, status=400, reason="header")
+                return openai_error(400, str(exc), type_="invalid_request_error", code="bad_header")
             if cancelled:
                 self.metrics.on_upstream("cancelled", None)
             raise
-        timer.responded(up.content)
+        timer.responded(up)
         self.metrics.on_upstream(str(up.status), loop.time() - started)
         complete = False
         try:
@@ -683,6 +687,8 @@ class Proxy:
             message = (
                 f"the upstream engine did not answer within {self.options.first_byte_timeout}s "
                 "(upstream.first_byte_timeout)"
+                if exc is None
+                else str(exc)
             )
             return openai_error(504, message, type_="upstream_error", code="upstream_timeout")
         message = f"the upstream engine is unreachable or failed ({detail or code}); retry later"
@@ -692,7 +698,7 @@ class Proxy:
         self,
         request: web.Request,
         rid: str,
-        up: aiohttp.ClientResponse,
+        up: UpstreamResponse,
         ticket: Ticket | None,
         step: _Step,
         timer: _UpstreamTimer,
@@ -715,16 +721,13 @@ class Proxy:
         headers[REQUEST_ID_HEADER] = rid
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         failure: BaseException | None = None
-        content = up.content
-        loop = asyncio.get_running_loop()
+        read = up.read
         try:
             await resp.prepare(request)
             while True:
                 try:
-                    timer.since = loop.time()
-                    chunk = await content.readany()
-                    timer.since = None
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                    chunk = await read()
+                except (TimeoutError, UpstreamError) as exc:
                     failure = exc
                     break
                 if not chunk:

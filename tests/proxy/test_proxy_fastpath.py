@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, Start, chat, sse_events, sse_json
@@ -44,6 +45,7 @@ from concur.proxy import (
     _filtered_each,
     _skipped,
 )
+from concur.upstream import Upstream
 from concur.usage import (
     SSEUsage,
     encode_with_include_usage,
@@ -430,18 +432,27 @@ def _proxy(upstream: str) -> Proxy:
         "/",
     ],
 )
-def test_target_url_cache_gives_the_computed_url(upstream: str, target: str) -> None:
+def test_target_cache_gives_the_computed_target(upstream: str, target: str) -> None:
     proxy = _proxy(upstream)
     request = make_mocked_request("GET", target)
     rel = request.rel_url
     path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
     query = rel.raw_query_string
-    up = URL(upstream)
-    expected = str(up.origin()) + up.raw_path.rstrip("/") + path + ("?" + query if query else "")
-    first = proxy.target_url(request)
-    again = proxy.target_url(make_mocked_request("GET", target))
-    assert str(first) == str(again) == expected
-    assert first.host == "engine"
+    expected = URL(upstream).raw_path.rstrip("/") + path + ("?" + query if query else "")
+    first = proxy.target(request)
+    again = proxy.target(make_mocked_request("GET", target))
+    assert first == again == expected
+    assert first.startswith("/") and "evil" not in first.split("/")[1:2]
+
+
+async def test_a_header_that_would_break_the_request_framing_is_a_400() -> None:
+    # aiohttp's server refuses such headers already; the upstream client checks again.
+    proxy = _proxy("http://127.0.0.1:9")
+    proxy.upstream = Upstream("http://127.0.0.1:9")
+    request = make_mocked_request("GET", "/v1/models", headers={"X-Bad": "a\r\nInjected: 1"})
+    resp = await proxy.handle(request)
+    assert isinstance(resp, web.Response) and resp.status == 400
+    assert resp.body is not None and b"CR or LF" in bytes(resp.body)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ timers

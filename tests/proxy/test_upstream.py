@@ -1,0 +1,556 @@
+"""concur's upstream HTTP/1.1 client (concur/upstream.py).
+
+Two layers: the response parser, fed byte strings split at arbitrary points and
+compared with h11 (httpx's parser, a reference implementation of RFC 9112); and
+the client against scripted servers on real loopback sockets (reuse, retries,
+close-delimited bodies, disconnects, back-pressure, idle expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import pytest
+import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from concur.upstream import (
+    HIGH_WATER,
+    Upstream,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    _Connection,
+)
+
+# ------------------------------------------------------------ the parser alone
+
+
+class _Transport(asyncio.Transport):
+    """What a connection's parser touches of its transport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.aborted = False
+        self.paused = False
+
+    def write(self, data: Any) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def _feed(
+    raw: bytes, cuts: list[int], method: str = "GET"
+) -> tuple[UpstreamResponse | BaseException, bytes, _Connection]:
+    """Send a request on a parser-only connection, feed ``raw`` in pieces cut at ``cuts``;
+    the response (or what it raised), its body as read whole, and the connection."""
+    loop = asyncio.get_running_loop()
+    conn = _Connection(Upstream("http://engine"), loop)
+    conn.connection_made(_Transport())
+    task = asyncio.ensure_future(conn.exchange(b"X", None, method))
+    await asyncio.sleep(0)
+    bounds = [0, *sorted(c for c in set(cuts) if 0 < c < len(raw)), len(raw)]
+    for a, b in itertools.pairwise(bounds):
+        conn.data_received(raw[a:b])
+    if not task.done():
+        conn.connection_lost(None)
+    try:
+        resp = await task
+    except Exception as exc:
+        return exc, b"", conn
+    body = bytearray()
+    try:
+        while piece := await resp.read():
+            body += piece
+    except Exception as exc:
+        return exc, bytes(body), conn
+    return resp, bytes(body), conn
+
+
+def _h11_parse(raw: bytes, method: str = "GET") -> tuple[int, list[tuple[str, str]], bytes]:
+    """The reference: status, headers and body as h11 reads ``raw``."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("Host", "engine")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(raw)
+    status, headers, body = 0, [], bytearray()
+    while True:
+        event = client.next_event()
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            headers = [(k.decode(), v.decode()) for k, v in event.headers.raw_items()]
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed) or event is h11.NEED_DATA:
+            if event is h11.NEED_DATA:
+                client.receive_data(b"")  # the connection closed: a close-delimited end
+                continue
+            return status, headers, bytes(body)
+
+
+def _chunked(body: bytes, sizes: list[int], ext: bool, trailers: bool) -> bytes:
+    out, pos, i = bytearray(), 0, 0
+    while pos < len(body):
+        n = max(1, sizes[i % len(sizes)])
+        piece = body[pos : pos + n]
+        out += f"{len(piece):x}".encode() + (b";x=1" if ext else b"") + b"\r\n" + piece + b"\r\n"
+        pos += n
+        i += 1
+    out += b"0\r\n" + (b"X-Trailer: 1\r\n" if trailers else b"") + b"\r\n"
+    return bytes(out)
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> tuple[bytes, bytes, str]:
+    """(raw response, its body, framing) for a valid HTTP/1.1 response."""
+    status = draw(st.sampled_from([200, 201, 400, 404, 429, 500, 503]))
+    body = draw(st.binary(max_size=600))
+    framing = draw(st.sampled_from(["length", "chunked", "close"]))
+    headers = [("Content-Type", "text/event-stream"), ("X-Request-Id", "r-1")]
+    headers += draw(st.lists(st.sampled_from([("X-A", "1"), ("x-a", "2"), ("Set-Cookie", "a=b")])))
+    if framing == "length":
+        headers.append(("Content-Length", str(len(body))))
+        payload = body
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        sizes = draw(st.lists(st.integers(1, 70), min_size=1, max_size=5))
+        payload = _chunked(body, sizes, draw(st.booleans()), draw(st.booleans()))
+    else:
+        headers.append(("Connection", "close"))
+        payload = body
+    head = f"HTTP/1.1 {status} Reason Phrase\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return head.encode() + b"\r\n" + payload, body, framing
+
+
+@settings(max_examples=300, deadline=None)
+@given(responses(), st.lists(st.integers(0, 2000), max_size=8))
+async def test_parser_matches_h11_however_the_bytes_are_split(
+    case: tuple[bytes, bytes, str], cuts: list[int]
+) -> None:
+    raw, body, framing = case
+    resp, got, conn = await _feed(raw, cuts)
+    assert isinstance(resp, UpstreamResponse), resp
+    status, headers, ref_body = _h11_parse(raw)
+    assert got == ref_body == body
+    assert resp.status == status
+    assert list(resp.headers.items()) == headers
+    assert resp.reason == "Reason Phrase"
+    assert resp.complete
+    # Reusable exactly when the framing says where the response ends and nothing says close.
+    assert conn._keep_alive == (framing != "close")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "body"),
+    [
+        # Interim responses come before the real one.
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            200,
+            b"ok",
+        ),
+        (b"HTTP/1.1 103 Early\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+        # No body, whatever the headers say.
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", 304, b""),
+        # A chunk with extensions, whitespace before them, and trailers.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2 ;a=b\r\nhi\r\n0\r\nT: 1\r\n\r\n",
+            200,
+            b"hi",
+        ),
+        # Transfer-Encoding wins over Content-Length.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\nx\r\n0\r\n\r\n",
+            200,
+            b"x",
+        ),
+        # An HTTP/1.0 response; repeated equal lengths.
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1, 1\r\n\r\nz", 200, b"z"),
+        # An empty reason phrase.
+        (b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n", 200, b""),
+    ],
+)
+async def test_parser_edge_cases(raw: bytes, status: int, body: bytes) -> None:
+    for cut in range(len(raw) + 1):
+        resp, got, _ = await _feed(raw, [cut])
+        assert isinstance(resp, UpstreamResponse), (cut, resp)
+        assert (resp.status, got) == (status, body)
+
+
+async def test_head_request_has_no_body() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"
+    resp, got, conn = await _feed(raw, [], method="HEAD")
+    assert isinstance(resp, UpstreamResponse) and got == b"" and conn._keep_alive
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"HTTP/2 200 OK\r\n\r\n", "not HTTP/1.x"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "status"),
+        (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nName : x\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nA: b\r\n folded\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nA: b\nB: c\r\n\r\n", "bare CR, LF"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\nx", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "only 'chunked'"),
+        (b"HTTP/1.1 101 Switching\r\n\r\n", "switched protocols"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x1\r\nx\r\n0\r\n\r\n",
+            "chunk size",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nx\r\n0\r\n\r\n",
+            "chunk size",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\nx\r\n0\r\n\r\n",
+            "chunk size",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy\r\n0\r\n\r\n", "overruns"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 << 10) + b"\r\n\r\n", "exceed 64 KiB"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 << 10), "exceed 64 KiB"),
+    ],
+)
+async def test_malformed_responses_are_protocol_errors(raw: bytes, why: str) -> None:
+    for cuts in ([], [len(raw) // 2], list(range(0, len(raw), 7))):
+        resp, _, conn = await _feed(raw, cuts)
+        assert isinstance(resp, UpstreamProtocolError), (cuts, resp)
+        assert why in str(resp)
+        assert conn.closed and conn.transport is not None and conn.transport.aborted  # type: ignore[attr-defined]
+
+
+async def test_truncated_bodies_are_disconnects() -> None:
+    for raw in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nTrailer: x",
+    ):
+        resp, _, _ = await _feed(raw, [])
+        assert isinstance(resp, UpstreamDisconnected), raw
+        assert not resp.before_response and "before its response ended" in str(resp)
+    resp, _, _ = await _feed(b"HTTP/1.1 200", [])
+    assert isinstance(resp, UpstreamDisconnected) and not resp.before_response
+    resp, _, _ = await _feed(b"", [])
+    assert isinstance(resp, UpstreamDisconnected) and resp.before_response
+
+
+async def test_bytes_after_the_response_forbid_reuse() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"
+    resp, got, conn = await _feed(raw, [])
+    assert isinstance(resp, UpstreamResponse) and got == b"ok"
+    assert not conn._keep_alive
+
+
+async def test_unread_body_pauses_reading_until_read() -> None:
+    loop = asyncio.get_running_loop()
+    conn = _Connection(Upstream("http://engine"), loop)
+    transport = _Transport()
+    conn.connection_made(transport)
+    task = asyncio.ensure_future(conn.exchange(b"X", None, "GET"))
+    await asyncio.sleep(0)
+    size = 3 * HIGH_WATER
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+    resp = await task
+    piece = b"x" * (64 << 10)
+    fed = 0
+    while not transport.paused:
+        conn.data_received(piece)
+        fed += len(piece)
+    assert HIGH_WATER < fed <= HIGH_WATER + len(piece)
+    assert len(await resp.read()) == fed
+    assert not transport.paused
+
+
+# ------------------------------------------------------- against real sockets
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+async def _request_head(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+@asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[dict[str, Any]]:
+    """A loopback server running ``script(reader, writer, connection number)`` per
+    connection; yields its state: url, connections seen, request heads, closed count."""
+    state: dict[str, Any] = {"connections": 0, "requests": [], "closed": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state["connections"] += 1
+        try:
+            await script(reader, writer, state["connections"])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            state["closed"] += 1
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    state["url"] = f"http://127.0.0.1:{port}"
+    state["port"] = port
+    try:
+        yield state
+    finally:
+        server.close()
+
+
+def _keep_serving(state: dict[str, Any] | None = None) -> Script:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, body = await _request_head(reader)
+            if state is not None:
+                state["requests"].append((n, head, body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    return script
+
+
+async def _read_all(resp: UpstreamResponse) -> bytes:
+    out = bytearray()
+    while piece := await resp.read():
+        out += piece
+    return bytes(out)
+
+
+async def test_requests_reuse_one_connection_and_send_what_was_asked() -> None:
+    seen: dict[str, Any] = {"requests": []}
+    async with scripted(_keep_serving(seen)) as server:
+        up = Upstream(server["url"] + "/ignored-base")
+        for i in range(3):
+            resp = await up.request("POST", f"/v1/x?i={i}", {"A": "1", "a": "2"}, b"body%d" % i)
+            assert resp.status == 200 and await _read_all(resp) == b"body%d" % i
+            resp.release()
+            assert up.idle == 1
+        resp = await up.request("GET", "/v1/models", {})
+        assert await _read_all(resp) == b""
+        resp.release()
+        await up.close()
+    assert server["connections"] == 1
+    heads = [head for _, head, _ in seen["requests"]]
+    assert heads[0] == (
+        b"POST /v1/x?i=0 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nA: 1\r\na: 2\r\n"
+        b"Content-Length: 5\r\n\r\n" % server["port"]
+    )
+    # No body: no Content-Length for GET; 0 for a method that defines a body.
+    assert b"content-length" not in heads[3].lower()
+
+
+async def test_post_without_body_sends_content_length_zero() -> None:
+    seen: dict[str, Any] = {"requests": []}
+    async with scripted(_keep_serving(seen)) as server:
+        up = Upstream(server["url"])
+        resp = await up.request("POST", "/", {})
+        await _read_all(resp)
+        resp.release()
+        await up.close()
+    assert b"\r\nContent-Length: 0\r\n" in seen["requests"][0][1]
+
+
+def test_request_head_refuses_line_breaks_and_names_the_host() -> None:
+    up = Upstream("http://[::1]:80/base")
+    assert up.host_header == "[::1]"
+    assert Upstream("https://engine:8443").host_header == "engine:8443"
+    with pytest.raises(ValueError, match="CR or LF"):
+        up.head("GET", "/", {"X": "a\r\nInjected: 1"}, None)
+    with pytest.raises(ValueError, match="CR or LF"):
+        up.head("GET", "/ HTTP/1.1\r\nX: y", {}, None)
+    with pytest.raises(ValueError, match="http"):
+        Upstream("ftp://engine")
+
+
+async def test_close_delimited_body_and_connection_close_are_not_reused() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"part two")
+        await writer.drain()
+
+    async with scripted(script) as server:
+        up = Upstream(server["url"])
+        for _ in range(2):
+            resp = await up.request("GET", "/", {})
+            assert await _read_all(resp) == b"part one, part two"
+            resp.release()
+            assert up.idle == 0
+        await up.close()
+    assert server["connections"] == 2
+
+
+async def test_keepalive_race_retries_idempotent_requests_only() -> None:
+    # Each connection answers one request and then closes without saying so.
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % n)
+        await writer.drain()
+        await _request_head(reader)  # the next request: dropped unanswered
+
+    async with scripted(script) as server:
+        up = Upstream(server["url"])
+        resp = await up.request("GET", "/", {})
+        assert await _read_all(resp) == b"1"
+        resp.release()
+        resp = await up.request("GET", "/", {})  # reused, dropped, sent again on a new one
+        assert await _read_all(resp) == b"2"
+        resp.release()
+        with pytest.raises(UpstreamDisconnected, match="before answering") as caught:
+            await up.request("POST", "/", {}, b"{}")  # reused, dropped: never sent twice
+        assert caught.value.before_response
+        await up.close()
+    assert server["connections"] == 2
+
+
+async def test_idle_connections_expire() -> None:
+    async with scripted(_keep_serving()) as server:
+        up = Upstream(server["url"], keepalive=0.1)
+        resp = await up.request("GET", "/", {})
+        await _read_all(resp)
+        resp.release()
+        assert up.idle == 1
+        await asyncio.sleep(0.4)
+        assert up.idle == 0
+        assert server["closed"] == 1
+        resp = await up.request("GET", "/", {})  # a fresh connection
+        await _read_all(resp)
+        resp.release()
+        await up.close()
+    assert server["connections"] == 2
+
+
+async def test_closing_mid_body_drops_the_connection() -> None:
+    gone = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await reader.read()  # until the client is gone
+        gone.set()
+
+    async with scripted(script) as server:
+        up = Upstream(server["url"])
+        resp = await up.request("GET", "/", {})
+        assert await resp.read() == b"abc"
+        resp.close()
+        await asyncio.wait_for(gone.wait(), 2)
+        assert up.idle == 0
+        await up.close()
+
+
+async def test_read_waits_are_stamped_and_set_exception_ends_them() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with scripted(script) as server:
+        up = Upstream(server["url"])
+        resp = await up.request("GET", "/", {})
+        reading = asyncio.ensure_future(resp.read())
+        await asyncio.sleep(0.05)
+        assert resp.since is not None and resp.since <= asyncio.get_running_loop().time()
+        resp.set_exception(TimeoutError("silence"))
+        with pytest.raises(TimeoutError, match="silence"):
+            await reading
+        assert resp.since is None
+        resp.close()
+        await up.close()
+
+
+async def test_connect_failures() -> None:
+    async with scripted(_keep_serving()) as server:
+        port = server["port"]
+    with pytest.raises(
+        UpstreamConnectError, match=re.escape(f"cannot connect to http://127.0.0.1:{port}")
+    ):
+        await Upstream(f"http://127.0.0.1:{port}").request("GET", "/", {})
+    with pytest.raises(UpstreamConnectTimeout, match=r"upstream\.connect_timeout"):
+        await Upstream("http://127.0.0.1:9", connect_timeout=0).request("GET", "/", {})
+    closed = Upstream("http://127.0.0.1:9")
+    await closed.close()
+    with pytest.raises(UpstreamConnectError, match="closed"):
+        await closed.request("GET", "/", {})
+
+
+async def test_cancelled_request_drops_its_connection() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await _request_head(reader)
+        await reader.read()  # never answers
+
+    async with scripted(script) as server:
+        up = Upstream(server["url"])
+        task = asyncio.ensure_future(up.request("POST", "/", {}, b"x"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert server["closed"] == 1 and up.idle == 0
+        await up.close()
+
+
+async def test_https_upstream() -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    seen: dict[str, Any] = {"requests": []}
+    serve = _keep_serving(seen)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await serve(reader, writer, 1)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        up = Upstream(f"https://localhost:{port}", ssl_context=client_ctx)
+        resp = await up.request("POST", "/v1/x", {}, b"secret")
+        assert resp.status == 200 and await _read_all(resp) == b"secret"
+        resp.release()
+        await up.close()
+        # Without trusting that CA the connection is refused, with a reason.
+        with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await Upstream(f"https://localhost:{port}").request("GET", "/", {})
+    finally:
+        server.close()
+    assert seen["requests"][0][1].startswith(b"POST /v1/x HTTP/1.1\r\nHost: localhost:%d" % port)
