@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -206,6 +207,24 @@ async def test_head_request_has_no_body() -> None:
 
 
 @pytest.mark.parametrize(
+    ("raw", "reusable"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: x, Close\r\nContent-Length: 1\r\n\r\nx", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\nx", True),
+    ],
+)
+async def test_connection_reuse_follows_version_and_connection_header(
+    raw: bytes, reusable: bool
+) -> None:
+    resp, got, conn = await _feed(raw, [])
+    assert isinstance(resp, UpstreamResponse) and got == b"x"
+    assert conn._keep_alive is reusable
+
+
+@pytest.mark.parametrize(
     ("raw", "why"),
     [
         (b"HTTP/2 200 OK\r\n\r\n", "not HTTP/1.x"),
@@ -279,9 +298,10 @@ async def test_unread_body_pauses_reading_until_read() -> None:
     resp = await task
     piece = b"x" * (64 << 10)
     fed = 0
-    while not transport.paused:
+    while not transport.paused and fed < size:
         conn.data_received(piece)
         fed += len(piece)
+    assert transport.paused
     assert HIGH_WATER < fed <= HIGH_WATER + len(piece)
     assert len(await resp.read()) == fed
     assert not transport.paused
@@ -446,6 +466,20 @@ async def test_idle_connections_expire() -> None:
         assert up.idle == 0
         assert server["closed"] == 1
         resp = await up.request("GET", "/", {})  # a fresh connection
+        await _read_all(resp)
+        resp.release()
+        await up.close()
+    assert server["connections"] == 2
+
+
+async def test_an_expired_connection_is_not_taken_even_before_the_sweep() -> None:
+    async with scripted(_keep_serving()) as server:
+        up = Upstream(server["url"], keepalive=0.1)
+        resp = await up.request("GET", "/", {})
+        await _read_all(resp)
+        resp.release()
+        time.sleep(0.2)  # noqa: ASYNC251 (blocks the loop on purpose: the sweep cannot run first)
+        resp = await up.request("GET", "/", {})
         await _read_all(resp)
         resp.release()
         await up.close()
