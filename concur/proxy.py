@@ -652,7 +652,7 @@ class Proxy:
         self.metrics.on_upstream(str(up.status), loop.time() - started)
         complete = False
         try:
-            resp, complete = await self._relay(request, rid, up, ticket, step, timer)
+            resp, complete = await self._relay(request, rid, up, ticket, step)
             return resp
         finally:
             timer.cancel()
@@ -701,7 +701,6 @@ class Proxy:
         up: UpstreamResponse,
         ticket: Ticket | None,
         step: _Step,
-        timer: _UpstreamTimer,
     ) -> tuple[web.StreamResponse, bool]:
         """Relay the upstream response; returns it and whether the upstream body was read whole."""
         content_type = up.headers.get("Content-Type", "").lower()
