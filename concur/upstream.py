@@ -183,11 +183,8 @@ class UpstreamResponse:
     def _feed(self, piece: bytes) -> None:
         self._data.append(piece)
         self._size += len(piece)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._waiter is not None:
+            self._wake()
 
     def _end(self) -> None:
         self._eof = True
