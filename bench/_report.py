@@ -5,7 +5,8 @@ machine. Targets pair each repeat's concur with that repeat's bare pass-through 
 direct path: throughput is judged on the median of the per-repeat ratios, added
 time to first byte on the median of the per-repeat differences from direct
 (concur's over the bare pass-through's; a ratio of two such small differences per
-repeat would be mostly noise).
+repeat would be mostly noise). Each line also gives the spread of the per-repeat
+figures, so a run can tell a miss from noise.
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def cpu_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _spread(ratios: Sequence[float]) -> str:
+    """The range of the per-repeat ratios, when there is more than one."""
+    xs = [x for x in ratios if not math.isnan(x)]
+    return f"; per repeat {min(xs):.2f}-{max(xs):.2f}x" if len(xs) > 1 else ""
+
+
 def _verdict(ok: bool) -> str:
     return "[PASS]" if ok else "[FAIL]"
 
@@ -140,17 +147,23 @@ def check_targets(cases: Cases, concur: str, bare: str, counts: Sequence[int]) -
         b = cases.get((bare, n))
         if not b:
             continue
-        rate = median([ci.rate / bi.rate for ci, bi in zip(c, b, strict=False) if bi.rate])
+        rates = [ci.rate / bi.rate for ci, bi in zip(c, b, strict=False) if bi.rate]
+        rate = median(rates)
         out.append(
             f"{_verdict(rate >= MIN_THROUGHPUT_RATIO)} {n} clients, {concur}: throughput "
             f"{median([s.rate for s in c]):.0f}/s vs {bare} {median([s.rate for s in b]):.0f}/s"
-            f" = {rate:.2f}x (>= {MIN_THROUGHPUT_RATIO})"
+            f" = {rate:.2f}x (>= {MIN_THROUGHPUT_RATIO}){_spread(rates)}"
         )
         b_added = median([bi.pct(0.5) - di.pct(0.5) for bi, di in zip(b, d, strict=False)])
         ttfb = added / max(b_added, ADDED_TTFB_FLOOR_MS)
+        ttfbs = [
+            (ci.pct(0.5) - di.pct(0.5)) / max(bi.pct(0.5) - di.pct(0.5), ADDED_TTFB_FLOOR_MS)
+            for ci, bi, di in zip(c, b, d, strict=False)
+        ]
         out.append(
             f"{_verdict(ttfb <= MAX_ADDED_TTFB_RATIO)} {n} clients, {concur}: added p50 TTFB "
             f"{added:.2f} ms vs {bare} {b_added:.2f} ms = {ttfb:.2f}x (<= {MAX_ADDED_TTFB_RATIO})"
+            f"{_spread(ttfbs)}"
         )
         cpu = median(
             [
