@@ -33,10 +33,10 @@ At the end the run checks, and prints:
   without an agent id, through concur (``admission.anonymous = bypass``, so never
   queued) and straight to the hop: the difference is what concur adds. The main
   agents' own figures, which include admission waits, are printed too;
-* concur's RSS at start, peak and end (growth must stay under 50 MB).
+* concur's RSS at start, peak and end (growth must stay under 50 MiB).
 
 Exit code 0 when lost = 0, leaked = 0, every fault was answered as expected and the
-RSS growth is under 50 MB; 1 otherwise. ``--budget`` bounds the whole run (seconds):
+RSS growth is under 50 MiB; 1 otherwise. ``--budget`` bounds the whole run (seconds):
 agents still running when it is spent are abandoned and reported.
 """
 
