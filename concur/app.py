@@ -45,7 +45,7 @@ from concur import logs
 from concur.adapters.registry import get_adapter
 from concur.adapters.signal import EngineSignal
 from concur.admission import AdmissionGate, GateEvent
-from concur.config import Settings
+from concur.config import Settings, tls_context
 from concur.control import Controller, TickRecord
 from concur.metrics import ConcurMetrics, GaugeValues
 from concur.policies import PolicyError, PolicySettings, build_policy
@@ -76,6 +76,7 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         max_identity_bytes=adm.max_identity_bytes,
         anonymous=adm.anonymous,
         done_header=adm.done_header,
+        ssl_context=tls_context(up.ca_file),
     )
 
 
@@ -93,6 +94,7 @@ def make_poller(settings: Settings, clock: Clock) -> Poller:
         stale_after=eng.stale_after,
         max_backoff=max(5.0, eng.poll_interval),
         clock=clock,
+        ssl_context=tls_context(settings.upstream.ca_file),
     )
 
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import ssl
 import sys
 import textwrap
 import tomllib
@@ -130,6 +131,23 @@ def _check_http_url(value: str) -> str:
     return text.rstrip("/")
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context for an https engine that trusts ``ca_file`` too (None: the default)."""
+    if ca_file is None:
+        return None
+    if not os.path.isfile(ca_file):
+        raise ValueError(f"{ca_file}: no such file; give a PEM file of CA certificates")
+    context = ssl.create_default_context()  # the system's CAs
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"{ca_file}: not a readable PEM file of CA certificates ({exc}); "
+            "give the CA that signed the engine's certificate, in PEM"
+        ) from None
+    return context
+
+
 def _split_list(value: Any) -> Any:
     """Accept ``"a,b"`` (handy in env vars and ``--set``) where a list is expected."""
     if isinstance(value, str):
@@ -163,11 +181,25 @@ class UpstreamSettings(_Section):
     read_timeout: float = Field(
         600.0, gt=0, description="Longest idle gap, in seconds, between two response chunks."
     )
+    ca_file: str | None = Field(
+        None,
+        description="PEM file of CA certificates to trust, besides the system's, for an "
+        "https engine (its OpenAI server and metrics URL).",
+    )
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_http_url(v)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        path = Path(v.strip()).expanduser()
+        tls_context(str(path))  # a bad file fails here, at load time, not on the first request
+        return str(path)
 
     @field_validator("urls", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ import contextlib
 import enum
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -67,6 +68,8 @@ class Poller:
         max_backoff: cap, in seconds, of the delay between failing polls.
         clock: the time source for timestamps and ages (``time.monotonic``).
         logger: where state changes are logged (``concur.poller``).
+        ssl_context: TLS for an https engine when the poller makes its own client
+            (None: httpx's default CAs).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Poller:
         max_backoff: float = 5.0,
         clock: Clock = time.monotonic,
         logger: logging.Logger | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         _check_positive("poll_interval", poll_interval)
         _check_positive("timeout", timeout)
@@ -100,6 +104,7 @@ class Poller:
         self.max_backoff = max_backoff
         self._clock = clock
         self._log = logger or _LOG
+        self._ssl = ssl_context
         self._owns_client = client is None
         self._client = client if client is not None else self._new_client()
         self._task: asyncio.Task[None] | None = None
@@ -280,7 +285,10 @@ class Poller:
         )
 
     def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(timeout=self.timeout, follow_redirects=True, trust_env=False)
+        verify: ssl.SSLContext | bool = self._ssl if self._ssl is not None else True
+        return httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=True, trust_env=False, verify=verify
+        )
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -25,6 +25,7 @@ import heapq
 import itertools
 import logging
 import math
+import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,6 +102,8 @@ class ProxyOptions:
     anonymous: Literal["gate", "bypass"] = "gate"
     done_header: str = "X-Concur-Agent-Done"
     gated_paths: frozenset[str] = field(default=GATED_PATHS)
+    ssl_context: ssl.SSLContext | None = None
+    """TLS for an https upstream (None: the system's CAs)."""
 
 
 def openai_error(
@@ -368,7 +371,12 @@ def make_upstream(options: ProxyOptions) -> Upstream:
     5 s keep-alive expires, so a POST is never sent on a connection the engine is
     closing.
     """
-    return Upstream(options.upstream, connect_timeout=options.connect_timeout, keepalive=4.0)
+    return Upstream(
+        options.upstream,
+        connect_timeout=options.connect_timeout,
+        keepalive=4.0,
+        ssl_context=options.ssl_context,
+    )
 
 
 @dataclass(slots=True)

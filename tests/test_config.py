@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from concur.cli import main
@@ -608,3 +609,21 @@ def test_config_without_action_prints_help(capsys: pytest.CaptureFixture[str]) -
     code, out, _ = run_cli(["config"], capsys)
     assert code == 0
     assert "show" in out and "example" in out
+
+
+def test_upstream_ca_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pem = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(pem))
+    s = load_settings(env={"CONCUR_UPSTREAM__CA_FILE": str(pem)})
+    assert s.upstream.ca_file == str(pem)
+    assert load_settings(overrides={"upstream.ca_file": " "}, env={}).upstream.ca_file is None
+
+    missing = tmp_path / "nope.pem"
+    code, _, err = run_cli(["config", "show", "--set", f"upstream.ca_file={missing}"], capsys)
+    assert code == 2
+    assert f"{missing}: no such file; give a PEM file of CA certificates" in err
+
+    garbage = write(tmp_path / "garbage.pem", "not a certificate\n")
+    code, _, err = run_cli(["config", "show", "--set", f"upstream.ca_file={garbage}"], capsys)
+    assert code == 2
+    assert f"upstream.ca_file = {garbage}" in err and "not a readable PEM file" in err

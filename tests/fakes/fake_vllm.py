@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -93,6 +94,8 @@ class FakeVLLM:
     received: list[str] = field(default_factory=list)
     bulk_written: dict[str, int] = field(default_factory=dict)
     metrics_scrapes: int = 0
+    tls: ssl.SSLContext | None = None
+    """Serve https with this server context (url then says https://)."""
 
     # ------------------------------------------------------------- lifecycle
 
@@ -108,7 +111,8 @@ class FakeVLLM:
         app.router.add_route("*", "/echo/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)  # 0 at first, then kept
+        # port: 0 at first, then kept (a restarted fake comes back on the same port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self
@@ -126,7 +130,7 @@ class FakeVLLM:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     # ---------------------------------------------------------------- views
 
