@@ -321,6 +321,7 @@ class Runtime:
             kv_usage=None if sig is None else sig.kv_usage,
             hit_rate=status["hit_rate"],
             signal_age=status["signal_age_seconds"],
+            parts=status["pressure_parts"],
         )
 
     # ------------------------------------------------------------- admin

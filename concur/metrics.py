@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
@@ -44,6 +44,8 @@ class GaugeValues:
     kv_usage: float | None
     hit_rate: float | None
     signal_age: float | None
+    parts: Mapping[str, float | None] = field(default_factory=dict)
+    """The pressure's components at the last tick, by source (``kv``, ``working_set``, ...)."""
 
 
 def _num(value: float | None) -> float:
@@ -71,6 +73,12 @@ class ConcurMetrics:
         self.pressure = Gauge(
             "concur_pressure",
             "Pressure the policy acted on at the last tick (NaN = unknown)",
+            registry=r,
+        )
+        self.pressure_part = Gauge(
+            "concur_pressure_part",
+            "One component of the pressure at the last tick, by source (NaN = unknown)",
+            ["source"],
             registry=r,
         )
         self.engine_kv_usage = Gauge(
@@ -144,6 +152,9 @@ class ConcurMetrics:
         self.agents_paused.set(values.paused)
         self.agents_queued.set(values.queued)
         self.pressure.set(_num(values.pressure))
+        self.pressure_part.clear()  # a retuned policy may read other sources
+        for source, value in values.parts.items():
+            self.pressure_part.labels(source).set(_num(value))
         self.engine_kv_usage.set(_num(values.kv_usage))
         self.engine_hit_rate.set(_num(values.hit_rate))
         self.signal_age.set(_num(values.signal_age))

@@ -19,10 +19,10 @@ from deploy_support import (
     variable_query_metric_names,
 )
 from fakes.fake_vllm import FakeVLLM
-from fakes.harness import AGENT, DONE, FAST, chat
+from fakes.harness import AGENT, DONE, FAST, chat, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from concur.app import Server, build_app
+from concur.app import RUNTIME, Server, build_app
 from concur.config import load_settings
 from concur.metrics import ConcurMetrics
 
@@ -61,7 +61,8 @@ def declared_names(metrics: ConcurMetrics) -> set[str]:
 
 
 async def served_concur_names() -> set[str]:
-    """Sample names a real concur serves on /metrics after forwarding one request."""
+    """Sample names a real concur serves on /metrics after forwarding one request and one
+    control tick with an engine signal (the pressure's parts exist from then on)."""
     async with FakeVLLM() as fake:
         settings = load_settings(overrides={**FAST, "upstream.url": fake.url}, env={})
         server = Server(build_app(settings), "127.0.0.1", 0, drain_timeout=1.0)
@@ -72,6 +73,10 @@ async def served_concur_names() -> set[str]:
                     "/v1/chat/completions", json=chat(), headers={AGENT: "a1", **DONE}
                 )
                 assert resp.status_code == 200, resp.text
+                runtime = server.app[RUNTIME]
+                await wait_for(
+                    lambda: bool(runtime.status()["pressure_parts"]), what="a tick with a signal"
+                )
                 resp = await client.get("/metrics")
                 assert resp.status_code == 200
                 return sample_names(resp.text)

@@ -50,6 +50,12 @@ async def test_metrics_match_status(start_concur: Start, fake: FakeVLLM) -> None
     assert one("concur_pressure") == pytest.approx(status["pressure"])
     assert status["pressure"] == pytest.approx(0.42)
     assert set(status["pressure_parts"]) >= {"kv", "working_set"}
+    parts = {dict(k[1])["source"]: v for k, v in m.items() if k[0] == "concur_pressure_part"}
+    assert set(parts) == set(status["pressure_parts"])
+    for source, value in status["pressure_parts"].items():
+        got = parts[source]
+        assert math.isnan(got) if value is None else got == pytest.approx(value), source
+    assert parts["kv"] == pytest.approx(0.42)
     assert one("concur_signal_age_seconds") >= 0
     assert status["signal_age_seconds"] < 1.0 and status["stale"] is False
     assert status["policy"] == {"name": "static", "window": 2}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+from dataclasses import replace
 
 import pytest
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from concur import logs
 from concur.identity import IdentityError, IdentityExtractor, parse_source
-from concur.metrics import window_direction
+from concur.metrics import ConcurMetrics, GaugeValues, window_direction
 from concur.proxy import hop_by_hop
 from concur.usage import (
     SSEUsage,
@@ -197,3 +200,27 @@ def test_window_direction() -> None:
     assert window_direction(4, None) == "up"
     assert window_direction(3, 3) is None
     assert window_direction(None, None) is None
+
+
+def test_pressure_parts_follow_the_last_tick() -> None:
+    def parts(m: ConcurMetrics) -> dict[str, float]:
+        text = m.render()[0].decode()
+        return {
+            s.labels["source"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "concur_pressure_part"
+        }
+
+    m = ConcurMetrics()
+    base = GaugeValues(
+        window=4, active=2, live=2, paused=0, queued=0, pressure=0.7,
+        kv_usage=0.7, hit_rate=None, signal_age=0.1,
+    )  # fmt: skip
+    assert parts(m) == {}  # before the first tick with a signal
+    m.update(replace(base, parts={"kv": 0.7, "working_set": 0.4, "projected": None}))
+    got = parts(m)
+    assert got.keys() == {"kv", "working_set", "projected"} and math.isnan(got.pop("projected"))
+    assert got == {"kv": 0.7, "working_set": 0.4}
+    m.update(replace(base, parts={"kv": 0.5}))  # policy retuned to read KV only
+    assert parts(m) == {"kv": 0.5}
