@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         if missing is not None and name.startswith("concur.sim."):
             # Installed without the simulator extra: the command says what to do.
             stub = sub.add_parser(command, help=f"(needs pip install 'concur[sim]': {missing})")
-            stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            stub.set_defaults(func=_missing_extra(command, missing))
+            stub.set_defaults(func=_missing_extra(command, missing), stub=True)
             continue
         try:
             module = importlib.import_module(name)
@@ -82,7 +81,11 @@ def _missing_extra(command: str, package: str) -> Callable[[argparse.Namespace],
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # A stub takes any arguments (`concur demo --quick` without the extra still says what
+    # to install); every real command is parsed strictly.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "stub", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

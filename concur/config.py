@@ -228,7 +228,7 @@ class ServerSettings(_Section):
     )
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token required by the /concur/ admin endpoints (unset: no auth).",
+        description="Bearer token for the /concur/ admin endpoints (unset: they answer 403).",
     )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: LogLevel = Field("info", description="Least severe log level printed.")

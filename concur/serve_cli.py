@@ -8,6 +8,7 @@ from typing import Any
 
 from concur.config import add_config_arguments, settings_from_args
 from concur.logs import setup_logging
+from concur.policies.registry import POLICY_SPECS
 
 
 def register(sub: Any) -> None:
@@ -35,7 +36,7 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--policy",
         metavar="SPEC",
-        help="admission policy: aimd, aimd:paper, static:N, unlimited, fit or epp (policy.name)",
+        help=f"admission policy: {POLICY_SPECS} (policy.name)",
     )
     parser.add_argument(
         "--engine",

@@ -13,6 +13,11 @@ from concur.policies.fit import Fit, FitParams
 from concur.policies.static import Static, StaticParams, Unlimited
 
 POLICY_NAMES = ("aimd", "static", "unlimited", "fit", "epp")
+POLICY_SPECS = (
+    f"aimd, aimd:<preset> ({', '.join(p for p in PRESETS if p != 'default')}), "
+    "static:<N>, unlimited, fit or epp"
+)
+"""Every policy spec, for help texts."""
 
 
 class PolicyError(ValueError):
@@ -26,7 +31,7 @@ class PolicySettings(BaseModel):
 
     name: str = Field(
         "aimd",
-        description="aimd, aimd:<preset> (paper, kv), static:<N>, unlimited, fit or epp",
+        description=POLICY_SPECS,
     )
     aimd: AIMDParams = Field(default_factory=AIMDParams)
     static: StaticParams = Field(default_factory=StaticParams)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from concur.policies.registry import POLICY_SPECS
+
 DEFAULT_POLICIES = ("unlimited", "static:32", "aimd:kv", "aimd:paper", "aimd", "fit", "epp")
 
 
@@ -38,8 +40,8 @@ def register(sub: Any) -> None:
         action="append",
         metavar="SPEC",
         help=(
-            "policy to run (repeatable): unlimited, static:N, aimd, aimd:kv, aimd:paper, fit, "
-            f"epp. Default: {' '.join(DEFAULT_POLICIES)}"
+            f"policy to run (repeatable): {POLICY_SPECS}. "
+            f"Default: {' '.join(DEFAULT_POLICIES)}"
         ),
     )
     run.add_argument("--out", type=Path, default=Path("out/sim"), help="report directory")

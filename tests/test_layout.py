@@ -101,10 +101,18 @@ def test_the_proxy_needs_no_sim_extra_and_sim_commands_say_what_to_install() -> 
     serve = _concur_without("numpy", "serve", "--help")
     assert serve.returncode == 0, serve.stderr
     assert "--upstream" in serve.stdout
+    typo = _concur_without("numpy", "serve", "--upstreem", "http://x")
+    assert typo.returncode == 2 and "unrecognized arguments: --upstreem http://x" in typo.stderr
     listing = _concur_without("numpy", "--help")
     assert listing.returncode == 0 and "concur[sim]" in listing.stdout
-    for command in ("sim", "engine", "swarm", "demo"):
-        out = _concur_without("numpy", command, "run", "--trace", "t.jsonl")
+    for command, *rest in (
+        ("sim", "run", "--trace", "t.jsonl"),
+        ("engine", "--port", "8000"),
+        ("swarm", "--shape", "small"),
+        ("demo", "--quick"),
+        ("demo",),
+    ):
+        out = _concur_without("numpy", command, *rest)
         assert out.returncode == 2, (command, out.stderr)
         assert "pip install 'concur[sim]'" in out.stderr and "numpy" in out.stderr
         assert "Traceback" not in out.stderr
