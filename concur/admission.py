@@ -118,6 +118,10 @@ class Ticket:
     """Set by the caller before :meth:`AdmissionGate.finish`: the agent's context after
     this request (prompt + completion tokens), for working-set pressure."""
     on_resolve: Callable[[Ticket], None] | None = None
+    agent: Agent | None = None
+    """The admitted agent this ticket counts in (``in_flight``) once granted or held: an
+    agent ended and admitted again under the same id is a new row the old ticket must not
+    touch."""
 
     @property
     def granted(self) -> bool:
@@ -330,7 +334,7 @@ class AdmissionGate:
         if ticket.status is not TicketStatus.GRANTED:
             return
         ticket.status = TicketStatus.DONE
-        agent = self._admitted.get(ticket.agent_id)
+        agent = self._counted_in(ticket)
         if agent is None:
             return
         now = self._clock()
@@ -358,7 +362,7 @@ class AdmissionGate:
         now = self._clock()
         if ticket.status is TicketStatus.GRANTED:
             ticket.status = TicketStatus.CANCELLED
-            agent = self._admitted.get(ticket.agent_id)
+            agent = self._counted_in(ticket)
             if agent is None:
                 return
             agent.in_flight -= 1
@@ -371,7 +375,7 @@ class AdmissionGate:
         ticket.status = TicketStatus.CANCELLED
         if ticket.held:
             self._held.remove(ticket)
-            agent = self._admitted.get(ticket.agent_id)
+            agent = self._counted_in(ticket)
             if agent is not None:
                 agent.in_flight -= 1
                 if agent.in_flight == 0 and not agent.pending and agent.requests == 0:
@@ -619,9 +623,15 @@ class AdmissionGate:
         self._live += 1
         self._emit("admitted", agent.agent_id, now, waited)
 
+    def _counted_in(self, ticket: Ticket) -> Agent | None:
+        """The admitted agent whose ``in_flight`` counts ``ticket``, if it is still admitted."""
+        agent = ticket.agent
+        return agent if self._admitted.get(ticket.agent_id) is agent else None
+
     def _grant_or_hold(self, agent: Agent, ticket: Ticket, now: float) -> Ticket:
         # in_flight counts held tickets too: an agent with a held request is not idle.
         agent.in_flight += 1
+        ticket.agent = agent
         if self.hold_requests:
             ticket.held = True
             self._held.append(ticket)

@@ -71,6 +71,7 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         connect_timeout=up.connect_timeout,
         first_byte_timeout=up.first_byte_timeout,
         read_timeout=up.read_timeout,
+        send_timeout=settings.server.send_timeout,
         max_body_bytes=settings.server.max_body_bytes,
         identity=tuple(adm.identity),
         max_identity_bytes=adm.max_identity_bytes,

@@ -226,6 +226,12 @@ class ServerSettings(_Section):
     drain_timeout: float = Field(
         30.0, ge=0, description="On shutdown, seconds to let in-flight requests finish."
     )
+    send_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a response may wait for a client that stopped reading; then "
+        "the connection is closed and the agent's request ends.",
+    )
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token for the /concur/ admin endpoints (unset: they answer 403).",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import heapq
 import itertools
 import logging
 import math
@@ -45,6 +44,7 @@ from concur.admission import (
     QueueTimeout,
     Ticket,
 )
+from concur.deadlines import Deadlines, SendWatch, UpstreamTimer
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
 from concur.metrics import ConcurMetrics
 from concur.upstream import InvalidRequestHead, Upstream, UpstreamError, UpstreamResponse
@@ -79,7 +79,9 @@ HOP_BY_HOP = frozenset(
 # Request headers the proxy recomputes (or that only make sense on the client's hop).
 _REQUEST_DROP = frozenset({"host", "content-length", "expect"})
 _REQUEST_SKIP = HOP_BY_HOP | _REQUEST_DROP | {"x-forwarded-for"}
-_RESPONSE_SKIP_STRIPPED = HOP_BY_HOP | {"content-length"}
+# The upstream's Content-Length is never copied: it is set from the parsed length, which
+# is only known for a length-framed body (a chunked one may carry a stale one too).
+_RESPONSE_SKIP = HOP_BY_HOP | {"content-length"}
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _MAX_USAGE_BODY = 4 << 20
 REQUEST_ID_HEADER = "X-Concur-Request-Id"
@@ -96,6 +98,8 @@ class ProxyOptions:
     """Seconds until the upstream's response headers (a non-streaming generation's whole run)."""
     read_timeout: float | None = 300.0
     """Seconds of upstream silence allowed between two body chunks."""
+    send_timeout: float = 60.0
+    """Seconds one write may wait for a client that stopped reading."""
     max_body_bytes: int = 32 << 20
     identity: tuple[str, ...] = DEFAULT_SOURCES
     max_identity_bytes: int = 256
@@ -178,184 +182,6 @@ class RequestIds:
         return f"{self._prefix}{next(self._next) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-class UpstreamReadTimeout(TimeoutError):
-    """The upstream sent nothing for ``upstream.read_timeout`` seconds mid-body."""
-
-
-class _Deadlines:
-    """The upstream deadlines of all in-flight requests, on one asyncio timer handle.
-
-    A heap of ``(when, seq, timer)`` (compared in C, unlike asyncio's timer handles)
-    and one ``loop.call_at`` for the earliest entry, re-armed only when a new deadline
-    comes before it: a request adds one heap entry, and ending it only marks the entry
-    stale. An entry counts only if its timer is still armed for that instant; stale
-    entries are dropped when they come up, or all at once when they are most of the heap.
-    """
-
-    __slots__ = ("_handle", "_heap", "_seq", "_stale", "_when", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._heap: list[tuple[float, int, _UpstreamTimer]] = []
-        self._seq = itertools.count()
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = math.inf
-        self._stale = 0
-
-    def add(self, when: float, timer: _UpstreamTimer) -> None:
-        heapq.heappush(self._heap, (when, next(self._seq), timer))
-        if when < self._when:
-            self._arm(when)
-
-    def dropped(self) -> None:
-        """One entry no longer counts (its timer was cancelled or re-armed)."""
-        self._stale += 1
-        heap = self._heap
-        if self._stale > 64 and 2 * self._stale > len(heap):
-            heap[:] = [e for e in heap if e[2].armed_for(e[0])]
-            heapq.heapify(heap)
-            self._stale = 0
-
-    def __len__(self) -> int:
-        """Heap entries, stale ones included."""
-        return len(self._heap)
-
-    def _arm(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._when = when
-        self._handle = self.loop.call_at(when, self._run)
-
-    def _run(self) -> None:
-        due = max(self._when, self.loop.time())  # (asyncio may run a handle a hair early)
-        self._handle = None
-        self._when = math.inf
-        heap = self._heap
-        while heap and heap[0][0] <= due:
-            when, _, timer = heapq.heappop(heap)
-            if timer.armed_for(when):
-                timer.fire()
-            elif self._stale > 0:
-                self._stale -= 1
-        if heap and heap[0][0] < self._when:  # (a timer fired above may have armed a later one)
-            self._arm(heap[0][0])
-
-
-class _UpstreamTimer:
-    """Both upstream timeouts of one request on one deadline (see :class:`_Deadlines`).
-
-    First the response headers get ``first_byte`` seconds: when they pass, the
-    request's task is cancelled, as ``asyncio.timeout`` would, and :meth:`failed`
-    reports the timeout. Then the body may be silent for ``read`` seconds between
-    chunks: the response stamps ``since`` while a read waits for the upstream, and
-    the deadline, re-armed only when it comes up early (not per chunk), fails the
-    body with :class:`UpstreamReadTimeout` once a read has waited too long. Time
-    spent writing to a slow client is not silence.
-
-    The first deadline is the earlier of the first-byte one and ``read`` seconds from
-    the start, which is never later than the first read deadline can be, so it is kept
-    when the headers arrive. Coming up before the headers and before the first-byte
-    deadline (a wait longer than ``read``), it re-arms for that deadline.
-    """
-
-    __slots__ = (
-        "_body",
-        "_cancelling",
-        "_deadline",
-        "_deadlines",
-        "_expired",
-        "_read",
-        "_stream",
-        "_task",
-        "_when",
-    )
-
-    def __init__(self, deadlines: _Deadlines, first_byte: float | None, read: float | None) -> None:
-        self._deadlines = deadlines
-        self._read = read
-        self._body = False
-        self._task: asyncio.Task[Any] | None = None
-        self._cancelling = 0
-        self._expired = False
-        self._stream: UpstreamResponse | None = None
-        self._deadline = math.inf
-        self._when: float | None = None
-        """The instant the timer is armed for (None: not armed)."""
-        if first_byte is not None:
-            loop = deadlines.loop
-            self._task = asyncio.current_task(loop)
-            if self._task is None:
-                raise RuntimeError("_UpstreamTimer must be created inside a task")
-            self._cancelling = self._task.cancelling()
-            now = loop.time()
-            self._deadline = now + first_byte
-            self._arm(now + read if read is not None and read < first_byte else self._deadline)
-
-    def failed(self, cancelled: bool) -> bool:
-        """No response: stop the timer; True when the first-byte deadline cancelled the task."""
-        expired = self._uncancel()
-        self.cancel()
-        return expired and cancelled
-
-    def responded(self, stream: UpstreamResponse) -> None:
-        """The headers are in: watch ``stream`` for silence from now on."""
-        self._uncancel()  # (a deadline that fired in the same instant still cancels, as before)
-        self._body = True
-        self._stream = stream
-        if self._read is None:
-            self.cancel()
-        elif self._when is None:
-            self._arm(self._deadlines.loop.time() + self._read)
-        # else: armed no later than now + read (see the class docstring).
-
-    def cancel(self) -> None:
-        """Stop for good. A stale heap entry may outlive the request: it keeps no more
-        than this small object."""
-        if self._when is not None:
-            self._when = None
-            self._deadlines.dropped()
-        self._stream = None
-        self._task = None
-
-    def armed_for(self, when: float) -> bool:
-        return self._when == when
-
-    def _arm(self, when: float) -> None:
-        self._when = when
-        self._deadlines.add(when, self)
-
-    def _uncancel(self) -> bool:
-        """Undo the first-byte deadline's cancel; True if it was the only one pending."""
-        if not self._expired:
-            return False
-        self._expired = False
-        assert self._task is not None
-        return self._task.uncancel() <= self._cancelling
-
-    def fire(self) -> None:
-        """Its deadline came up (called by :class:`_Deadlines`, which dropped the entry)."""
-        when, self._when = self._when, None
-        if not self._body:
-            if when is not None and when < self._deadline:
-                self._arm(self._deadline)  # armed for an early read deadline: not yet
-                return
-            self._expired = True
-            assert self._task is not None
-            self._task.cancel()
-            return
-        assert self._read is not None and self._stream is not None
-        now = self._deadlines.loop.time()
-        since = self._stream.since
-        if since is not None and now - since >= self._read:
-            self._stream.set_exception(
-                UpstreamReadTimeout(
-                    f"no data from the upstream for {self._read:g}s (upstream.read_timeout)"
-                )
-            )
-            return
-        self._arm(now + self._read if since is None else since + self._read)
-
-
 def _is_json(content_type: str) -> bool:
     ct = content_type.lower()
     return ct == "application/json" or (ct.startswith("application/") and ct.endswith("+json"))
@@ -422,7 +248,7 @@ class Proxy:
         self.in_flight = 0
         self._request_id = RequestIds()
         self._targets: dict[str, str] = {}
-        self._deadlines: _Deadlines | None = None
+        self._deadlines: Deadlines | None = None
 
     async def get_status(self, path: str) -> int:
         """The status of ``GET <base path><path>`` on the upstream (its body is dropped)."""
@@ -633,8 +459,8 @@ class Proxy:
         started = loop.time()
         deadlines = self._deadlines
         if deadlines is None or deadlines.loop is not loop:
-            deadlines = self._deadlines = _Deadlines(loop)
-        timer = _UpstreamTimer(deadlines, opts.first_byte_timeout, opts.read_timeout)
+            deadlines = self._deadlines = Deadlines(loop)
+        timer = UpstreamTimer(deadlines, opts.first_byte_timeout, opts.read_timeout)
         try:
             up = await upstream.request(
                 request.method,
@@ -702,6 +528,26 @@ class Proxy:
         message = f"the upstream engine is unreachable or failed ({detail or code}); retry later"
         return openai_error(502, message, type_="upstream_error", code="upstream_unavailable")
 
+    def _send_watch(self, request: web.Request, rid: str, step: _Step) -> SendWatch:
+        """Close the client's connection when a write to it waits ``send_timeout`` s."""
+        limit = self.options.send_timeout
+        deadlines = self._deadlines
+        assert deadlines is not None
+
+        def stuck() -> None:
+            logs.event(
+                log,
+                "client_stalled",
+                logging.WARNING,
+                request_id=rid,
+                agent=step.agent_id,
+                error=f"the client read nothing for {limit:g}s (server.send_timeout); closed",
+            )
+            if request.transport is not None:
+                request.transport.abort()
+
+        return SendWatch(deadlines, limit, stuck)
+
     async def _relay(
         self,
         request: web.Request,
@@ -723,12 +569,14 @@ class Proxy:
             elif "json" in content_type:
                 json_buf = bytearray()
 
-        base = _RESPONSE_SKIP_STRIPPED if tracker is not None and tracker.strip else HOP_BY_HOP
-        headers = _filtered(up.headers, _skipped(up.headers, base))
+        headers = _filtered(up.headers, _skipped(up.headers, _RESPONSE_SKIP))
         headers[REQUEST_ID_HEADER] = rid
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        if up.length is not None and (tracker is None or not tracker.strip):
+            resp.content_length = up.length
         failure: BaseException | None = None
         read = up.read
+        watch = self._send_watch(request, rid, step)
         try:
             await resp.prepare(request)
             while True:
@@ -745,8 +593,13 @@ class Proxy:
                         json_buf = None
                 out = tracker.feed(chunk) if tracker is not None else chunk
                 if out:
+                    watch.writes += 1
+                    watch.writing = True
                     await resp.write(out)
+                    watch.writing = False
             if failure is None:
+                watch.writes += 1
+                watch.writing = True
                 if tracker is not None:
                     rest = tracker.flush()
                     if rest:
@@ -756,6 +609,8 @@ class Proxy:
             # The client went away (without handler cancellation): nothing left to do.
             logs.event(log, "client_gone", logging.DEBUG, request_id=rid, agent=step.agent_id)
             return resp, False
+        finally:
+            watch.cancel()
         if failure is not None:
             # Headers are out: the only honest signal left is a truncated response.
             logs.event(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from multidict import CIMultiDict
@@ -108,6 +108,7 @@ class UpstreamResponse:
         "_size",
         "_waiter",
         "headers",
+        "length",
         "reason",
         "since",
         "status",
@@ -122,6 +123,9 @@ class UpstreamResponse:
         self.reason = ""
         self.version = (1, 1)
         self.headers: CIMultiDict[str] = CIMultiDict()
+        self.length: int | None = None
+        """The body's length when ``Content-Length`` framed it (for a HEAD response, the
+        length it declares); None for a chunked or close-delimited body."""
         self._data: list[bytes] = []
         self._size = 0
         self._eof = False
@@ -293,7 +297,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         mode = self._mode
         self._mode = _IDLE
-        if mode == _UNTIL_CLOSE:
+        if mode == _UNTIL_CLOSE and exc is None:  # a clean close is this body's end
             if self._resp is not None:
                 self._resp._end()
         elif mode != _IDLE:
@@ -322,6 +326,7 @@ class _Connection(asyncio.Protocol):
             self._broken(UpstreamProtocolError("the upstream sent data nobody asked for"))
 
     def eof_received(self) -> bool | None:
+        self.closed = True  # never handed out again, even before connection_lost runs
         return None  # close the transport: connection_lost ends or fails the exchange
 
     # ------------------------------------------------------------- parsing
@@ -432,7 +437,10 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = "close" not in tokens
         else:
             self._keep_alive = "keep-alive" in tokens
+        lengths = headers.getall("Content-Length", ())
+        declared = _content_length(lengths)
         if self._head_request or status in (204, 304):
+            resp.length = declared if self._head_request else None
             self._mode = _IDLE
             return False
         coding = headers.getall("Transfer-Encoding", ())
@@ -449,16 +457,13 @@ class _Connection(asyncio.Protocol):
             self._left = 0
             self._line = b""
             return False
-        lengths = headers.getall("Content-Length", ())
         if lengths:
-            values = {v.strip() for joined in lengths for v in joined.split(",")}
-            length = values.pop() if len(values) == 1 else ""
-            if not length.isdigit() or not length.isascii() or len(length) > 19:
+            if declared is None:
                 raise UpstreamProtocolError(
                     f"the upstream sent an invalid Content-Length {', '.join(lengths)!r}"
                 )
-            self._left = int(length)
-            self._mode = _LENGTH if self._left else _IDLE
+            resp.length = self._left = declared
+            self._mode = _LENGTH if declared else _IDLE
             return False
         self._mode = _UNTIL_CLOSE
         self._keep_alive = False
@@ -545,6 +550,16 @@ class _Connection(asyncio.Protocol):
             rest = data[at + 4 :]
         self._line = b""
         self._end_body(rest)
+
+
+def _content_length(values: Sequence[str]) -> int | None:
+    """The one length that ``Content-Length`` values agree on (``2, 2`` included), or None
+    when there is none or they disagree or are not plain decimal numbers."""
+    found = {v.strip() for joined in values for v in joined.split(",")}
+    length = found.pop() if len(found) == 1 else ""
+    if not length.isdigit() or not length.isascii() or len(length) > 19:
+        return None
+    return int(length)
 
 
 def _chunk_size(line: bytes) -> int:

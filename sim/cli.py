@@ -39,10 +39,7 @@ def register(sub: Any) -> None:
         "--policy",
         action="append",
         metavar="SPEC",
-        help=(
-            f"policy to run (repeatable): {POLICY_SPECS}. "
-            f"Default: {' '.join(DEFAULT_POLICIES)}"
-        ),
+        help=(f"policy to run (repeatable): {POLICY_SPECS}. Default: {' '.join(DEFAULT_POLICIES)}"),
     )
     run.add_argument("--out", type=Path, default=Path("out/sim"), help="report directory")
     run.add_argument("--jobs", type=int, default=None, help="parallel processes (default: cores)")

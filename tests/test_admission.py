@@ -349,3 +349,39 @@ def test_random_sequences_always_drain_to_zero(
         gate.end(a.agent_id)
     assert (gate.active, gate.queued, gate.held) == (0, 0, 0)
     assert all(a.in_flight >= 0 for a in gate.agents())
+
+
+@pytest.mark.parametrize("how", ["finish", "abandon", "finish_done"])
+def test_a_ticket_from_before_an_end_never_touches_the_agent_admitted_again(how: str) -> None:
+    # DELETE /concur/agents/a while a's request runs; a comes back and is admitted anew.
+    gate, clock = make_gate(1, idle_timeout=10.0)
+    old = run(gate, "a", done=how == "finish_done")
+    assert gate.end("a")
+    new = run(gate, "a")
+    assert new.granted
+    again = gate.get("a")
+    assert again is not None and again.in_flight == 1
+    if how == "abandon":
+        gate.abandon(old)
+    else:
+        gate.finish(old)
+    assert (again.in_flight, again.requests, again.ending) == (1, 0, False)
+    clock.now = 20.0
+    assert gate.reap() == []  # its request is still running: not idle
+    assert gate.live == 1 and not run(gate, "b").granted  # the slot stays taken
+    gate.finish(new)
+    assert again.in_flight == 0 and again.requests == 1
+
+
+def test_a_held_ticket_from_before_an_end_is_rejected_not_counted() -> None:
+    gate, _ = make_gate(1)
+    gate.hold_requests = True
+    first = run(gate, "a")
+    assert first.held and not first.granted
+    assert gate.end("a")
+    assert first.status is TicketStatus.REJECTED and isinstance(first.error, AgentEnded)
+    gate.hold_requests = False
+    new = run(gate, "a")
+    gate.abandon(first)  # a late cancel of the old, rejected ticket
+    again = gate.get("a")
+    assert new.granted and again is not None and again.in_flight == 1

@@ -362,11 +362,12 @@ class FakeVLLM:
             request.transport.close()
             return resp
         if "X-Fake-Bulk" in headers:
-            return await self._bulk(request, seen.test_id, int(headers["X-Fake-Bulk"]))
+            return await self._bulk(request, seen, int(headers["X-Fake-Bulk"]))
         return None
 
-    async def _bulk(self, request: web.Request, test_id: str, total: int) -> web.StreamResponse:
+    async def _bulk(self, request: web.Request, seen: Seen, total: int) -> web.StreamResponse:
         """At least ``total`` bytes of SSE events, each write counted once the socket took it."""
+        test_id = seen.test_id
         # A small send buffer: the bytes counted as written are (almost) all past the fake.
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:
@@ -377,11 +378,15 @@ class FakeVLLM:
         event = b'data: {"choices":[{"index":0,"delta":{"content":"' + pad.encode() + b'"}}]}\n\n'
         self.bulk_written[test_id] = 0
         sent = 0
-        while sent < total:  # whole events: at least ``total`` bytes
-            await resp.write(event)
-            sent += len(event)
-            self.bulk_written[test_id] = sent
-        await resp.write_eof()
+        try:
+            while sent < total:  # whole events: at least ``total`` bytes
+                await resp.write(event)
+                sent += len(event)
+                self.bulk_written[test_id] = sent
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            seen.cancelled = True  # concur dropped the connection mid-stream
+            raise
         return resp
 
     @staticmethod

@@ -33,6 +33,7 @@ from prometheus_client.exposition import generate_latest
 from yarl import URL
 
 from concur.admission import AdmissionGate
+from concur.deadlines import Deadlines, SendWatch
 from concur.identity import IdentityError, IdentitySource, validate
 from concur.metrics import LATENCY_BUCKETS, ConcurMetrics, UpstreamStats
 from concur.proxy import (
@@ -40,7 +41,6 @@ from concur.proxy import (
     HOP_BY_HOP,
     Proxy,
     ProxyOptions,
-    _Deadlines,
     _filtered,
     _filtered_each,
     _skipped,
@@ -550,7 +550,7 @@ def test_upstream_stats_expose_what_counter_and_histogram_would(
 
 
 class _ManualLoop:
-    """Just enough of an event loop for :class:`_Deadlines`: a clock moved by hand."""
+    """Just enough of an event loop for :class:`Deadlines`: a clock moved by hand."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -584,7 +584,7 @@ class _ManualLoop:
 
 
 class _FakeTimer:
-    def __init__(self, deadlines: _Deadlines, when: float, fired: list[tuple[float, int]], i: int):
+    def __init__(self, deadlines: Deadlines, when: float, fired: list[tuple[float, int]], i: int):
         self.when: float | None = when
         self.deadlines, self.fired, self.i = deadlines, fired, i
         deadlines.add(when, self)  # type: ignore[arg-type]
@@ -611,7 +611,7 @@ def test_shared_deadlines_fire_each_live_timer_once_at_its_time(
     specs: list[tuple[float, bool, float]],
 ) -> None:
     loop = _ManualLoop()
-    deadlines = _Deadlines(loop)  # type: ignore[arg-type]
+    deadlines = Deadlines(loop)  # type: ignore[arg-type]
     fired: list[tuple[float, int]] = []
     timers = []
     # Timers start at increasing instants; some are cancelled at a random later one.
@@ -636,3 +636,31 @@ def test_shared_deadlines_fire_each_live_timer_once_at_its_time(
         else:
             assert cancel and i * 0.1 + cancel_after < due
     assert len(deadlines) <= max(130, 2 * sum(1 for t in timers if t.when is not None) + 130)
+
+
+def test_send_watch_cuts_off_only_a_write_stuck_for_a_whole_period() -> None:
+    loop = _ManualLoop()
+    deadlines = Deadlines(loop)  # type: ignore[arg-type]
+    stuck: list[float] = []
+    watch = SendWatch(deadlines, 10.0, lambda: stuck.append(loop.now))
+    # A slow reader: every write waits, but each one finishes within the period.
+    for t in range(1, 60):
+        watch.writes += 1
+        watch.writing = True
+        loop.advance(t - 0.5)
+        watch.writing = False
+        loop.advance(float(t))
+    # Waiting on the upstream (no write under way) for long is not the client's fault.
+    loop.advance(100.0)
+    assert stuck == []
+    # A write starting just before a look is not stuck yet at that look...
+    loop.advance(109.9)
+    watch.writes += 1
+    watch.writing = True
+    loop.advance(110.0)
+    assert stuck == []
+    # ...but at the next one it has waited a whole period: cut off, once.
+    loop.advance(200.0)
+    assert stuck == [120.0]
+    watch.cancel()
+    assert len(deadlines) <= 1

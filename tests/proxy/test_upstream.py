@@ -21,6 +21,7 @@ from typing import Any
 import h11
 import pytest
 import trustme
+from fakes.harness import FAST, concur_starter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,9 +62,10 @@ class _Transport(asyncio.Transport):
 
 
 async def _feed(
-    raw: bytes, cuts: list[int], method: str = "GET"
+    raw: bytes, cuts: list[int], method: str = "GET", lost: Exception | None = None
 ) -> tuple[UpstreamResponse | BaseException, bytes, _Connection]:
-    """Send a request on a parser-only connection, feed ``raw`` in pieces cut at ``cuts``;
+    """Send a request on a parser-only connection, feed ``raw`` in pieces cut at ``cuts``
+    (then the connection ends, with ``lost`` as the reason if the response is not over);
     the response (or what it raised), its body as read whole, and the connection."""
     loop = asyncio.get_running_loop()
     conn = _Connection(Upstream("http://engine"), loop)
@@ -73,8 +75,8 @@ async def _feed(
     bounds = [0, *sorted(c for c in set(cuts) if 0 < c < len(raw)), len(raw)]
     for a, b in itertools.pairwise(bounds):
         conn.data_received(raw[a:b])
-    if not task.done():
-        conn.connection_lost(None)
+    if not task.done():  # (always: the task runs after this, as the reader would)
+        conn.connection_lost(lost)
     try:
         resp = await task
     except Exception as exc:
@@ -588,3 +590,104 @@ async def test_https_upstream() -> None:
     finally:
         server.close()
     assert seen["requests"][0][1].startswith(b"POST /v1/x HTTP/1.1\r\nHost: localhost:%d" % port)
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "length"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "GET", 2),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", "GET", 2),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", "GET", 2),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "GET", 0),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "GET", None),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            "GET",
+            None,
+        ),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok", "GET", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n", "HEAD", 50),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n", "HEAD", None),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n", "GET", None),
+    ],
+)
+async def test_length_is_the_one_the_body_was_framed_by(
+    raw: bytes, method: str, length: int | None
+) -> None:
+    resp, got, _ = await _feed(raw, [], method=method)
+    assert isinstance(resp, UpstreamResponse), resp
+    assert resp.length == length
+    assert got == (b"ok" if method == "GET" and b"ok" in raw else b"")
+
+
+async def test_a_reset_ends_a_close_delimited_body_as_a_truncation() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial"
+    resp, got, _ = await _feed(raw, [], lost=ConnectionResetError("reset by peer"))
+    assert isinstance(resp, UpstreamDisconnected) and not resp.before_response
+    assert got == b"partial" and "reset by peer" in str(resp)
+    resp, got, _ = await _feed(raw, [])  # a clean close is the end of such a body
+    assert isinstance(resp, UpstreamResponse) and got == b"partial"
+
+
+async def test_a_connection_the_upstream_closed_is_not_taken_before_it_is_lost() -> None:
+    loop = asyncio.get_running_loop()
+    up = Upstream("http://engine")
+    conn = _Connection(up, loop)
+    conn.connection_made(_Transport())
+    conn.idle_since = conn.clock()
+    conn.eof_received()  # the upstream's FIN: connection_lost comes a loop turn later
+    up.put(conn)
+    assert up._take() is None
+    await up.close()
+
+
+# ------------------------------------------------------------- through the proxy
+
+
+@pytest.mark.parametrize(
+    ("answer", "length", "body"),
+    [
+        # Both framings: the chunked body is the message; its Content-Length is stale.
+        (
+            b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+            None,
+            b"0123456789",
+        ),
+        (b"Content-Length: 2, 2\r\n\r\nok", "2", b"ok"),  # repeated, agreeing: one length
+        (b"Content-Length: 2\r\n\r\nok", "2", b"ok"),
+    ],
+)
+async def test_the_client_gets_the_length_of_the_body_it_gets(
+    answer: bytes, length: str | None, body: bytes
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        head, _ = await _request_head(reader)
+        if head.startswith(b"GET /x "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + answer)
+        else:  # the poller and the readiness probe
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with scripted(script) as server, concur_starter(server["url"], FAST) as start:
+        c = await start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.server.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: concur\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5.0)  # the whole response, to EOF
+        writer.close()
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/x", headers=[("Host", "concur")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(raw)
+    client.receive_data(b"")
+    events = []
+    while (event := client.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        events.append(event)
+        if isinstance(event, h11.ConnectionClosed):
+            break
+    response = events[0]
+    assert isinstance(response, h11.Response) and response.status_code == 200
+    headers = {k.decode().lower(): v.decode() for k, v in response.headers}
+    assert headers.get("content-length") == length
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == body
+    assert any(isinstance(e, h11.EndOfMessage) for e in events)  # framed whole, not cut

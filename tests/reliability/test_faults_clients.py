@@ -142,6 +142,46 @@ async def test_slow_reader_gets_backpressure_not_buffering(
     await assert_invariants(c, ledger)
 
 
+async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
+    start_concur: Start, fake: FakeVLLM, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that never reads again would hold its agent's slot (and the engine's
+    stream) forever: after ``server.send_timeout`` its connection is closed."""
+    c = await start_concur(**{"server.send_timeout": 0.3})
+    body = json.dumps(chat(stream=True)).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: concur\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{AGENT}: stalled\r\nX-Concur-Agent-Done: 1\r\n"
+        f"X-Fake-Bulk: {256 << 20}\r\nX-Test-Id: stalled\r\n\r\n"
+    ).encode() + body
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", c.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    ledger.begin()
+    try:
+        writer.write(request)
+        await writer.drain()
+        got = await reader.read(4096)
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        await wait_for(lambda: c.runtime.gate.active == 1, what="the agent admitted")
+        # Read nothing more: the slot is freed and the engine's stream cancelled.
+        await wait_for(
+            lambda: c.runtime.gate.active == 0, within=5.0, what="the stalled agent's slot freed"
+        )
+        await wait_for(lambda: "stalled" in fake.cancelled, what="the upstream request cancelled")
+        assert c.runtime.proxy.in_flight == 0
+        assert fake.bulk_written["stalled"] < 256 << 20
+    finally:
+        writer.close()
+    stalled = [r for r in caplog.records if r.getMessage() == "client_stalled"]
+    assert len(stalled) == 1 and stalled[0].levelname == "WARNING"
+    assert "server.send_timeout" in stalled[0].concur_fields["error"]
+    ledger.add(Outcome("stalled reader", 200, {"x-concur-request-id": "raw"}, b""))
+    await assert_invariants(c, ledger)
+
+
 # -------------------------------------------------------------------- stampede
 
 
