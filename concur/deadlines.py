@@ -30,11 +30,11 @@ class UpstreamReadTimeout(TimeoutError):
 
 
 class Deadlines:
-    """The upstream deadlines of all in-flight requests, on one asyncio timer handle.
+    """The deadlines of all in-flight requests, on one asyncio timer handle.
 
     A heap of ``(when, seq, timer)`` (compared in C, unlike asyncio's timer handles)
     and one ``loop.call_at`` for the earliest entry, re-armed only when a new deadline
-    comes before it: a request adds one heap entry, and ending it only marks the entry
+    comes before it: a timer adds one heap entry, and stopping it only marks the entry
     stale. An entry counts only if its timer is still armed for that instant; stale
     entries are dropped when they come up, or all at once when they are most of the heap.
     """
