@@ -4,12 +4,17 @@ Engines export cumulative counters (prefix-cache hits and queries, preemptions);
 a control law wants what happened *since the last reading*. :func:`derive` is
 pure: it compares two :class:`EngineSignal` readings and nothing else.
 
-Counter resets: when any counter present in both readings went backwards, the
-engine restarted between them (or one of its data-parallel ranks did). Then
-every delta is taken from a zero baseline, i.e. the current value is the delta,
-as Prometheus's ``increase()`` does: a restarted counter counts from zero, so its
-current value is what happened since the restart. ``reset`` is set so callers
-can log it or discard the interval.
+Counter resets: a counter that went backwards was restarted between the two
+readings; its delta is taken from a zero baseline, i.e. its current value is the
+delta, as Prometheus's ``increase()`` does: a restarted counter counts from zero,
+so its current value is what happened since the restart. ``reset`` is set so
+callers can log it or discard the interval.
+
+With per-engine counters (:attr:`EngineSignal.counter_series`, several
+data-parallel ranks) this is done per engine, as ``increase()`` does per series,
+and the deltas are summed: one rank's restart resets only its own baseline, and a
+rank missing from either reading adds nothing (it has no baseline). Without them
+the totals are compared, and a total that went backwards resets all of them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def derive(prev: EngineSignal | None, cur: EngineSignal) -> Rates:
     """The rates over the interval from ``prev`` to ``cur`` (``prev`` None: first reading)."""
     if prev is None:
         return Rates(hit_rate=cur.hit_rate, new_preemptions=None, reset=False)
+    if prev.counter_series and cur.counter_series:
+        return _derive_per_engine(prev, cur)
     pairs = (
         (prev.prefix_hits_total, cur.prefix_hits_total),
         (prev.prefix_queries_total, cur.prefix_queries_total),
@@ -48,17 +55,56 @@ def derive(prev: EngineSignal | None, cur: EngineSignal) -> Rates:
     reset = any(before is not None and now is not None and now < before for before, now in pairs)
     hits = _delta(prev.prefix_hits_total, cur.prefix_hits_total, reset)
     queries = _delta(prev.prefix_queries_total, cur.prefix_queries_total, reset)
+    return _rates(
+        cur, hits, queries, _delta(prev.preemptions_total, cur.preemptions_total, reset), reset
+    )
+
+
+def _derive_per_engine(prev: EngineSignal, cur: EngineSignal) -> Rates:
+    before = _by_counter(prev)
+    now = _by_counter(cur)
+    reset = False
+    deltas: dict[str, float | None] = {}
+    for counter in ("prefix_hits", "prefix_queries", "preemptions"):
+        old, new = before.get(counter, {}), now.get(counter, {})
+        common = old.keys() & new.keys()
+        if not common:
+            deltas[counter] = None
+            continue
+        total = 0.0
+        for engine in common:
+            if new[engine] < old[engine]:
+                reset = True
+                total += new[engine]
+            else:
+                total += new[engine] - old[engine]
+        deltas[counter] = total
+    return _rates(
+        cur, deltas["prefix_hits"], deltas["prefix_queries"], deltas["preemptions"], reset
+    )
+
+
+def _by_counter(signal: EngineSignal) -> dict[str, dict[tuple[str, ...], float]]:
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for counter, engine, value in signal.counter_series:
+        out.setdefault(counter, {})[engine] = value
+    return out
+
+
+def _rates(
+    cur: EngineSignal,
+    hits: float | None,
+    queries: float | None,
+    preemptions: float | None,
+    reset: bool,
+) -> Rates:
     if hits is None or queries is None:
         hit_rate = cur.hit_rate
     elif queries > 0:
         hit_rate = min(1.0, max(0.0, hits / queries))
     else:
         hit_rate = None
-    return Rates(
-        hit_rate=hit_rate,
-        new_preemptions=_delta(prev.preemptions_total, cur.preemptions_total, reset),
-        reset=reset,
-    )
+    return Rates(hit_rate=hit_rate, new_preemptions=preemptions, reset=reset)
 
 
 def _delta(before: float | None, now: float | None, reset: bool) -> float | None:

@@ -9,6 +9,7 @@ describes the engine's state and the pure function that reads that page.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ ParseFn = Callable[[str, float], EngineSignal]
 
 KINDS = ("vllm", "sglang", "llamacpp")
 """The engine kinds concur can read, as accepted by :func:`get_adapter`."""
+
+MAX_PAGE_BYTES = 32 << 20
+"""A state page larger than this is refused (a vLLM page with 8 DP ranks is well under 1 MB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +79,24 @@ async def scrape(
 ) -> EngineSignal:
     """GET the engine's state page and parse it into a signal stamped ``timestamp``.
 
-    ``request_timeout`` (seconds) overrides the client's timeout for this request.
+    ``request_timeout`` (seconds) bounds the whole request, body included (httpx's
+    own timeouts bound each connect or read, so a page that trickles in would not
+    end), and overrides the client's timeout.
 
     Raises:
-        ScrapeError: the request failed (refused, timed out, status not 2xx).
+        ScrapeError: the request failed (refused, timed out, status not 2xx, a page
+            over :data:`MAX_PAGE_BYTES`).
         AdapterError: the answer could not be read.
     """
     url = metrics_url(base_url, adapter)
     try:
-        if request_timeout is None:
-            response = await client.get(url)
-        else:
-            response = await client.get(url, timeout=request_timeout)
+        async with asyncio.timeout(request_timeout):
+            status, reason, text = await _get(client, url, request_timeout)
+    except TimeoutError as exc:
+        raise ScrapeError(
+            f"GET {url}: timed out after {request_timeout:g} s with no complete page "
+            "(engine.poll_timeout)"
+        ) from exc
     except httpx.TimeoutException as exc:
         after = f" after {request_timeout:g} s" if request_timeout is not None else ""
         raise ScrapeError(f"GET {url}: timed out{after} ({type(exc).__name__})") from exc
@@ -94,13 +104,28 @@ async def scrape(
         raise ScrapeError(f"GET {url}: cannot connect ({str(exc) or type(exc).__name__})") from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise ScrapeError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
-    if not response.is_success:
-        body = " ".join(response.text.split())[:120]
-        raise ScrapeError(
-            f"GET {url}: HTTP {response.status_code} {response.reason_phrase}"
-            + (f": {body}" if body else "")
-        )
+    if not 200 <= status < 300:
+        body = " ".join(text.split())[:120]
+        raise ScrapeError(f"GET {url}: HTTP {status} {reason}" + (f": {body}" if body else ""))
     try:
-        return adapter.parse(response.text, timestamp)
+        return adapter.parse(text, timestamp)
     except AdapterError as exc:
         raise AdapterError(f"GET {url}: {exc}") from exc
+
+
+async def _get(
+    client: httpx.AsyncClient, url: str, request_timeout: float | None
+) -> tuple[int, str, str]:
+    """Status, reason and body text of ``GET url``, reading at most :data:`MAX_PAGE_BYTES`."""
+    kwargs = {} if request_timeout is None else {"timeout": request_timeout}
+    async with client.stream("GET", url, **kwargs) as response:  # type: ignore[arg-type]
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_PAGE_BYTES:
+                raise ScrapeError(
+                    f"GET {url}: the page is over {MAX_PAGE_BYTES >> 20} MiB; "
+                    "is this the engine's metrics endpoint?"
+                )
+        text = body.decode(response.encoding or "utf-8", errors="replace")
+        return response.status_code, response.reason_phrase, text

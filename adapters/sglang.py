@@ -80,6 +80,12 @@ def parse(text: str, timestamp: float) -> EngineSignal:
         hit_rate=_fold(page, CACHE_HIT_RATE, across=mean),
         kv_capacity_tokens=round(capacity) if capacity is not None and capacity > 0 else None,
         engines=_engines(page),
+        counter_series=tuple(
+            ("preemptions", key, max(values))
+            for key, values in sorted(
+                groups(page.samples(RETRACTED_TOTAL), GROUP_BY, _is_total).items()
+            )
+        ),
     )
 
 

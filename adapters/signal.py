@@ -39,6 +39,11 @@ class EngineSignal:
     """KV cache capacity in tokens (num_gpu_blocks x block_size), summed over engines."""
     engines: int | None = None
     """How many engine instances (data-parallel ranks) the reading aggregates."""
+    counter_series: tuple[tuple[str, tuple[str, ...], float], ...] = ()
+    """The counters per engine, ``(counter, engine key, value)`` with counter one of
+    ``preemptions``, ``prefix_hits``, ``prefix_queries`` (empty: only the totals are
+    known). Rates are taken per engine, so one data-parallel rank restarting, or
+    missing from one scrape, is not read as a burst of everything the others counted."""
 
     def at(self, timestamp: float) -> EngineSignal:
         """The same reading stamped with another time."""

@@ -71,6 +71,12 @@ PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total
 PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 HIT_RATE_GAUGE = "vllm:gpu_prefix_cache_hit_rate"
 CACHE_CONFIG = "vllm:cache_config_info"
+COUNTERS = (
+    ("preemptions", (PREEMPTIONS,)),
+    ("prefix_hits", PREFIX_HITS),
+    ("prefix_queries", PREFIX_QUERIES),
+)
+"""The counters whose rates concur takes, per engine (see :mod:`concur.adapters.rates`)."""
 
 
 def parse(text: str, timestamp: float) -> EngineSignal:
@@ -99,6 +105,7 @@ def parse(text: str, timestamp: float) -> EngineSignal:
         hit_rate=_hit_rate_gauge(page) if hits is None or queries is None else None,
         kv_capacity_tokens=_capacity(page),
         engines=_engines(page),
+        counter_series=_counter_series(page),
     )
 
 
@@ -109,6 +116,18 @@ def _first(page: Exposition, names: Sequence[str], *, across: Combine) -> float 
         if value is not None:
             return value
     return None
+
+
+def _counter_series(page: Exposition) -> tuple[tuple[str, tuple[str, ...], float], ...]:
+    """Each counter per engine (the first of its names the page has), for per-engine rates."""
+    out: list[tuple[str, tuple[str, ...], float]] = []
+    for counter, names in COUNTERS:
+        for name in names:
+            grouped = groups(page.samples(name), GROUP_BY)
+            if grouped:
+                out.extend((counter, key, max(values)) for key, values in sorted(grouped.items()))
+                break
+    return tuple(out)
 
 
 def _hit_rate_gauge(page: Exposition) -> float | None:

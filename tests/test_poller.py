@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import socket
@@ -15,7 +16,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from concur.adapters import Adapter, EngineSignal, get_adapter
+from concur.adapters import Adapter, EngineSignal, get_adapter, registry
 from concur.poller import Poller, PollState
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "metrics"
@@ -43,8 +44,14 @@ class Engine:
         self.release = asyncio.Event()
         self.url = ""
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        if self.mode == "trickle":  # a valid page, one line every 0.1 s, never ending
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            for line in itertools.cycle(self.body.splitlines(keepends=True)):
+                await resp.write(line.encode())
+                await asyncio.sleep(0.1)
         if self.mode == "error":
             return web.Response(status=500, text="Internal Server Error")
         if self.mode == "garbage":
@@ -152,6 +159,32 @@ async def test_timeout(engine: Engine) -> None:
     assert poller.last_error is not None
     assert "timed out after 0.2 s" in poller.last_error
     assert poller.signal is None
+
+
+async def test_a_page_that_never_ends_times_out_as_a_whole(engine: Engine) -> None:
+    engine.mode = "trickle"  # every read is quick: only a limit on the whole request ends it
+    poller = Poller(engine.url, VLLM, timeout=0.3)
+    started = time.monotonic()
+    try:
+        assert await poller.poll_once() is None
+    finally:
+        await poller.stop()
+    assert time.monotonic() - started < 1.5
+    assert poller.last_error is not None and "timed out after 0.3 s" in poller.last_error
+
+
+async def test_a_page_over_the_size_limit_is_refused(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "MAX_PAGE_BYTES", len(VLLM_PAGE) - 1)
+    poller = Poller(engine.url, VLLM, timeout=2.0)
+    try:
+        assert await poller.poll_once() is None
+        assert poller.last_error is not None and "the page is over" in poller.last_error
+        monkeypatch.setattr(registry, "MAX_PAGE_BYTES", len(VLLM_PAGE))
+        assert await poller.poll_once() is not None
+    finally:
+        await poller.stop()
 
 
 async def test_connection_refused() -> None:

@@ -107,3 +107,48 @@ def test_on_parsed_vllm_pages() -> None:
     assert after_text.count("\n") == text.count("\n")
     after = parse(after_text, 10.5)
     assert derive(before, after) == Rates(hit_rate=0.25, new_preemptions=2.0, reset=False)
+
+
+# ------------------------------------------------------- data-parallel ranks
+
+DP2 = "vllm-0.33.0-dp2-multiprocess.txt"
+M = 'model_name="Qwen/Qwen3-32B"'
+
+
+def _set(text: str, metric: str, engine: str, value: float) -> str:
+    """The page with one engine's sample of ``metric`` set to ``value``."""
+    pattern = f'{metric}{{engine="{engine}",{M}}} '
+    lines = text.splitlines()
+    hits = [i for i, line in enumerate(lines) if line.startswith(pattern)]
+    assert len(hits) == 1, (metric, engine)
+    lines[hits[0]] = f"{pattern}{value}"
+    return "\n".join(lines) + "\n"
+
+
+def _without_engine(text: str, engine: str) -> str:
+    return "".join(line + "\n" for line in text.splitlines() if f'engine="{engine}"' not in line)
+
+
+def test_one_rank_restarting_resets_only_its_own_counters() -> None:
+    base = (FIXTURES / DP2).read_text()
+    prev = parse(base, 0.0)
+    assert prev.preemptions_total == 14.0  # engine 0: 4, engine 1: 10
+    # Engine 1 restarts (its counters drop to 0); engine 0 preempts 2 more, and its
+    # prefix cache hits all of its 200k new queried tokens.
+    page = _set(base, "vllm:num_preemptions_total", "1", 0.0)
+    page = _set(page, "vllm:num_preemptions_total", "0", 6.0)
+    page = _set(page, "vllm:prefix_cache_hits_total", "1", 0.0)
+    page = _set(page, "vllm:prefix_cache_queries_total", "1", 0.0)
+    page = _set(page, "vllm:prefix_cache_hits_total", "0", 380000.0)
+    page = _set(page, "vllm:prefix_cache_queries_total", "0", 500000.0)
+    rates = derive(prev, parse(page, 1.0))
+    assert rates == Rates(hit_rate=1.0, new_preemptions=2.0, reset=True)
+
+
+def test_a_rank_missing_from_a_scrape_adds_nothing_when_it_leaves_or_returns() -> None:
+    base = (FIXTURES / DP2).read_text()
+    full = parse(base, 0.0)
+    partial = parse(_without_engine(base, "1"), 1.0)
+    assert partial.engines == 1
+    assert derive(full, partial) == Rates(hit_rate=None, new_preemptions=0.0, reset=False)
+    assert derive(partial, full.at(2.0)) == Rates(hit_rate=None, new_preemptions=0.0, reset=False)
