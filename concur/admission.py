@@ -184,6 +184,8 @@ class AdmissionGate:
         self.idle_timeout = idle_timeout
         self.on_event = on_event
         self.hold_requests = False
+        self.admit_new = True
+        """False: queued agents wait whatever the window (see :meth:`apply`)."""
         self.growth = GrowthEstimator()
         self._seq = itertools.count()
         self._admitted: dict[str, Agent] = {}
@@ -314,7 +316,7 @@ class AdmissionGate:
         )
         if priority:
             self._prioritized = True
-        if self._room() and not self._paused and not self._queue:
+        if self._room() and not self._paused and not self._queue and self.admit_new:
             self._admit(agent, now)
             return self._grant_or_hold(agent, ticket, now)
         if self.max_queue_len is not None and len(self._queue) >= self.max_queue_len:
@@ -406,11 +408,17 @@ class AdmissionGate:
         pause: bool = False,
         hold_requests: bool = False,
         release_limit: int | None = None,
+        admit_new: bool = True,
     ) -> None:
-        """Apply a policy decision: set the window, pause or release agents."""
+        """Apply a policy decision: set the window, pause or release agents.
+
+        With ``admit_new`` False no queued (new) agent is admitted, at this call or
+        between calls, until a later one allows it; paused agents still resume.
+        """
         now = self._clock()
         self.window = window
         self.hold_requests = hold_requests
+        self.admit_new = admit_new
         if pause and window is not None and self._live > window:
             excess = self._live - window
             for agent in reversed(list(self._admitted.values())):
@@ -428,6 +436,12 @@ class AdmissionGate:
             while self._held:
                 ticket = self._held.popleft()
                 ticket.held = False
+                agent = self._counted_in(ticket)
+                if agent is not None and agent.state is AgentState.PAUSED:
+                    # Paused meanwhile: it waits like its agent's other next steps.
+                    agent.in_flight -= 1
+                    agent.pending.append(ticket)
+                    continue
                 self._grant(ticket, now)
                 self._emit("released", ticket.agent_id, now, ticket.waited)
 
@@ -602,12 +616,9 @@ class AdmissionGate:
                 self._grant_or_hold(agent, agent.pending.pop(0), now)
 
     def _next_candidate(self) -> Agent | None:
-        if self._paused:
-            return min(
-                (a for a in self._admitted.values() if a.state is AgentState.PAUSED),
-                key=lambda a: a.seq,
-            )
-        if not self._queue:
+        if self._paused:  # in admission order, as paused agents are listed by view()
+            return next(a for a in self._admitted.values() if a.state is AgentState.PAUSED)
+        if not self._queue or not self.admit_new:
             return None
         if not self._prioritized or all(a.priority == 0 for a in self._queue.values()):
             return next(iter(self._queue.values()))

@@ -26,7 +26,7 @@ from typing import Literal
 from concur.adapters.rates import Rates, derive
 from concur.adapters.signal import EngineSignal
 from concur.admission import AdmissionGate, GateView
-from concur.policies.base import Decision, Observation, Policy
+from concur.policies.base import Decision, Observation, Policy, Resumable
 
 FailureMode = Literal["hold", "closed", "open"]
 
@@ -64,9 +64,14 @@ class Controller:
         gate.window = policy.initial_window()
 
     def set_policy(self, policy: Policy) -> None:
-        """Swap the policy live. The gate keeps its agents; the new window applies next tick."""
+        """Swap the policy live. The gate keeps its agents; a policy that learns its window
+        (:class:`Resumable`, e.g. aimd) continues from the one in force, any other starts
+        from its initial window; the next tick decides as usual."""
         self.policy = policy
-        self.gate.window = policy.initial_window()
+        if isinstance(policy, Resumable):
+            self.gate.window = policy.resume_from(self.gate.window, self.gate.live)
+        else:
+            self.gate.window = policy.initial_window()
 
     def observe(self, now: float, signal: EngineSignal | None, stale: bool) -> Observation:
         """Build the policy's observation (also used by status pages)."""
@@ -110,6 +115,7 @@ class Controller:
             pause=decision.pause,
             hold_requests=decision.hold_requests,
             release_limit=decision.release_limit,
+            admit_new=decision.admit_new,
         )
         self.gate.reap()
         record = TickRecord(now, obs, decision, before, obs.stale)
@@ -126,4 +132,6 @@ class Controller:
             window = obs.live if obs.window is None else min(obs.window, obs.live)
         else:
             window = obs.window
-        return Decision(window=window, reason=f"stale:{mode}", release_limit=None)
+        return Decision(
+            window=window, reason=f"stale:{mode}", release_limit=None, admit_new=mode != "closed"
+        )

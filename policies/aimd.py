@@ -127,6 +127,14 @@ class AIMD:
     def initial_window(self) -> int | None:
         return self.params.initial_window
 
+    def resume_from(self, window: int | None, live: int) -> int | None:
+        """A live retune keeps what was learned: the window in force (or, after no
+        limit, the agents running), within this policy's bounds."""
+        prm = self.params
+        seed = window if window is not None else live
+        self.window = min(prm.max_window, max(prm.min_window, seed))
+        return self.window
+
     def _congested(self, p: float | None, obs: Observation) -> tuple[bool, str]:
         prm = self.params
         high = p is not None and p > prm.high

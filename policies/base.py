@@ -71,6 +71,9 @@ class Decision:
     """Request-level gating: hold every new request, whatever its agent (``epp``)."""
     release_limit: int | None = None
     """At most this many paused or queued agents released per tick (``None`` = no limit)."""
+    admit_new: bool = True
+    """False: no queued agent is admitted until a later decision says so, whatever the
+    window (the ``closed`` failure mode); admitted agents carry on and resume."""
 
 
 @runtime_checkable
@@ -89,4 +92,14 @@ class Policy(Protocol):
 
     def describe(self) -> dict[str, object]:
         """The policy's name and parameters, for status pages and logs."""
+        ...
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A policy with learned state (a window it moves) that can take over a running gate."""
+
+    def resume_from(self, window: int | None, live: int) -> int | None:
+        """Continue from the ``window`` in force (``None``: none, with ``live`` agents
+        running) instead of the initial window; returns the window to apply now."""
         ...

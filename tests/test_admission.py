@@ -385,3 +385,40 @@ def test_a_held_ticket_from_before_an_end_is_rejected_not_counted() -> None:
     gate.abandon(first)  # a late cancel of the old, rejected ticket
     again = gate.get("a")
     assert new.granted and again is not None and again.in_flight == 1
+
+
+def test_a_held_request_of_an_agent_paused_meanwhile_waits_for_its_resume() -> None:
+    # epp held b's next step; then a pausing policy pauses b in the same apply.
+    gate, _ = make_gate(None)
+    first_a, first_b = run(gate, "a"), run(gate, "b")
+    gate.finish(first_a)
+    gate.finish(first_b)
+    gate.apply(None, hold_requests=True)
+    held = run(gate, "b")
+    assert held.held and not held.granted
+    gate.apply(1, pause=True)
+    b = gate.get("b")
+    assert b is not None and b.state is AgentState.PAUSED
+    assert not held.granted and held in b.pending and b.in_flight == 0
+    gate.apply(2)  # room again: b resumes, and its step goes
+    assert held.granted and b.state is AgentState.LIVE and b.in_flight == 1
+    gate.finish(held)
+    assert b.in_flight == 0
+
+
+def test_paused_agents_resume_in_the_order_view_lists_them() -> None:
+    # With priorities, admission order differs from arrival order: B (priority 5)
+    # arrived after A but was admitted first.
+    gate, _ = make_gate(2)
+    run(gate, "y", context_tokens=10)
+    x = run(gate, "x", context_tokens=10)
+    run(gate, "A", context_tokens=90_000)
+    run(gate, "B", context_tokens=1_000, priority=5)
+    gate.finish(x)
+    gate.end("x")
+    gate.apply(3)
+    assert [a.agent_id for a in gate.agents()][:3] == ["y", "B", "A"]
+    gate.apply(1, pause=True)
+    assert gate.view().candidate_contexts == (1_000, 90_000)  # B first, then A
+    gate.apply(2, release_limit=1)
+    assert states(gate) == {"y": "live", "B": "live", "A": "paused"}

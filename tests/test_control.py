@@ -7,7 +7,7 @@ import pytest
 from concur.adapters.signal import EngineSignal
 from concur.admission import AdmissionGate
 from concur.control import Controller, TickRecord
-from concur.policies import AIMD, AIMDParams, build_policy
+from concur.policies import AIMD, AIMDParams, PolicySettings, build_policy
 
 
 class Clock:
@@ -96,6 +96,21 @@ def test_failure_modes_on_a_stale_signal(mode: str, expected: int | None) -> Non
     assert admitted is (mode != "closed")
 
 
+def test_closed_admits_no_new_agent_even_when_an_admitted_one_ends() -> None:
+    ctl, gate, _ = make("aimd", "closed")
+    tickets = [gate.submit(f"a{i}") for i in range(3)]
+    ctl.tick(1.0, None)
+    late = gate.submit("late")
+    assert not late.granted and gate.queued == 1
+    gate.finish(tickets[0])
+    assert gate.end("a0")  # a slot frees between ticks: still no new agent
+    assert not late.granted and gate.queued == 1 and gate.live == 2
+    ctl.tick(2.0, None)
+    assert not late.granted
+    ctl.tick(3.0, sig(3.0, 0.1))  # a fresh signal: the policy decides again
+    assert late.granted
+
+
 def test_recovery_after_stale_uses_the_policy_again() -> None:
     ctl, gate, _ = make("aimd", "closed")
     ctl.tick(1.0, None)
@@ -118,3 +133,23 @@ def test_set_policy_swaps_live() -> None:
     assert gate.window == 3
     ctl.tick(1.0, sig(1.0, 0.99))
     assert gate.window == 3
+
+
+def test_a_live_retune_of_aimd_keeps_the_window_it_learned() -> None:
+    ctl, gate, _ = make("aimd")
+    for i in range(40):
+        gate.submit(f"a{i}")
+    gate.apply(40)
+    ctl.policy.window = 40  # type: ignore[attr-defined]  # what the policy had grown to
+    ctl.set_policy(build_policy("aimd", PolicySettings(aimd={"high": 0.9})))
+    assert gate.window == 40 and ctl.policy.window == 40  # type: ignore[attr-defined]
+    ctl.tick(1.0, sig(1.0, 0.95))  # and it goes on from there: 40 x 0.5
+    assert gate.window == 20
+    # After no limit, it starts from the agents running, within its bounds.
+    ctl.set_policy(build_policy("unlimited"))
+    ctl.tick(2.0, sig(2.0, 0.95))
+    assert gate.window is None and gate.live == 40  # the paused ones resumed
+    ctl.set_policy(build_policy("aimd", PolicySettings(aimd={"max_window": 32})))
+    assert gate.window == 32
+    ctl.set_policy(build_policy("aimd"))
+    assert gate.window == 32
