@@ -436,11 +436,11 @@ class AdmissionGate:
             while self._held:
                 ticket = self._held.popleft()
                 ticket.held = False
-                agent = self._counted_in(ticket)
-                if agent is not None and agent.state is AgentState.PAUSED:
+                owner = self._counted_in(ticket)
+                if owner is not None and owner.state is AgentState.PAUSED:
                     # Paused meanwhile: it waits like its agent's other next steps.
-                    agent.in_flight -= 1
-                    agent.pending.append(ticket)
+                    owner.in_flight -= 1
+                    owner.pending.append(ticket)
                     continue
                 self._grant(ticket, now)
                 self._emit("released", ticket.agent_id, now, ticket.waited)
