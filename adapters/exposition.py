@@ -10,7 +10,10 @@ layout of the page. This module does the parsing and the folding once:
   ``vllm:num_requests_waiting``;
 * labels are kept as a mapping, so their order on the page (single-process mode
   keeps declaration order, multiprocess mode sorts them) does not matter;
-* NaN values are dropped: a NaN reads as "unknown", never as a number;
+* NaN and infinite values are dropped: they read as "unknown", never as a number;
+* with ``keep`` (the sample names an adapter reads), only those lines are parsed:
+  an engine page is mostly histograms nobody here reads, and parsing runs on the
+  proxy's event loop (a 40 kB vLLM page: 12 ms whole, 0.7 ms kept lines only);
 * :func:`fold` groups series by the labels that identify an engine and combines
   duplicates within a group (the same value reported by several processes or
   ranks) separately from the combination across groups (sum counts, max usage).
@@ -22,7 +25,7 @@ anything it rejects becomes an :class:`~concur.adapters.errors.AdapterError`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -60,18 +63,27 @@ class Exposition:
         return any(name.startswith(prefix) for name in self.by_name)
 
 
-def parse_exposition(text: str, *, source: str) -> Exposition:
+def parse_exposition(text: str, *, source: str, keep: Collection[str] | None = None) -> Exposition:
     """Parse a Prometheus text page; ``source`` names the engine in error messages.
+
+    With ``keep``, only the samples of those exact names are parsed; a page with
+    none of them is parsed whole, so that a page that is not Prometheus text at all
+    still says so.
 
     Raises:
         AdapterError: the text is not a Prometheus text exposition.
     """
+    if keep:
+        starts = tuple(name + end for name in keep for end in ("{", " "))
+        kept = "".join(line for line in text.splitlines(keepends=True) if line.startswith(starts))
+        if kept:
+            text = kept
     collected: dict[str, list[Sample]] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 value = float(sample.value)
-                if math.isnan(value):
+                if not math.isfinite(value):
                     continue
                 labels = MappingProxyType(dict(sample.labels))
                 collected.setdefault(sample.name, []).append(Sample(labels, value))

@@ -55,6 +55,8 @@ TOKEN_USAGE = "sglang:token_usage"
 CACHE_HIT_RATE = "sglang:cache_hit_rate"
 CAPACITY = "sglang:max_total_num_tokens"
 RETRACTED_TOTAL = "sglang:num_retracted_requests_total"
+READ = frozenset({RUNNING, QUEUED, TOKEN_USAGE, CACHE_HIT_RATE, CAPACITY, RETRACTED_TOTAL})
+"""Every sample name this adapter reads; the rest of the page is not parsed."""
 
 
 def parse(text: str, timestamp: float) -> EngineSignal:
@@ -64,7 +66,7 @@ def parse(text: str, timestamp: float) -> EngineSignal:
     :class:`~concur.adapters.errors.AdapterError` when the text is not a
     Prometheus exposition or carries no ``sglang:`` metric at all.
     """
-    page = parse_exposition(text, source="SGLang")
+    page = parse_exposition(text, source="SGLang", keep=READ)
     if not page.has_prefix("sglang:"):
         raise AdapterError(
             "the metrics page has no sglang:* metric: check that the URL points at an "

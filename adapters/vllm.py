@@ -77,6 +77,11 @@ COUNTERS = (
     ("prefix_queries", PREFIX_QUERIES),
 )
 """The counters whose rates concur takes, per engine (see :mod:`concur.adapters.rates`)."""
+READ = frozenset(
+    {*KV_USAGE, RUNNING, WAITING, PREEMPTIONS, *PREFIX_HITS, *PREFIX_QUERIES, HIT_RATE_GAUGE}
+    | {CACHE_CONFIG}
+)
+"""Every sample name this adapter reads; the rest of the page is not parsed."""
 
 
 def parse(text: str, timestamp: float) -> EngineSignal:
@@ -86,7 +91,7 @@ def parse(text: str, timestamp: float) -> EngineSignal:
     :class:`~concur.adapters.errors.AdapterError` when the text is not a
     Prometheus exposition or carries no ``vllm:`` metric at all.
     """
-    page = parse_exposition(text, source="vLLM")
+    page = parse_exposition(text, source="vLLM", keep=READ)
     if not page.has_prefix("vllm:"):
         raise AdapterError(
             "the metrics page has no vllm:* metric: check that the URL points at a vLLM "

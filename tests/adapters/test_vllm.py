@@ -334,3 +334,23 @@ def test_page_without_vllm_metrics_says_what_to_check() -> None:
     assert "python_gc_objects_collected_total" in text
     with pytest.raises(AdapterError, match="--disable-log-stats"):
         parse(text, 0.0)
+
+
+def test_only_the_metrics_read_are_parsed() -> None:
+    # A broken line in a metric concur does not read (a histogram, say) no longer
+    # costs the whole reading; one in a metric it reads still does.
+    text = page("vllm-0.33.0.txt")
+    broken = text + 'vllm:time_to_first_token_seconds_bucket{le="0.1" 3\n'
+    assert parse(broken, 5.0) == parse(text, 5.0)
+    with pytest.raises(AdapterError, match="not a Prometheus text exposition"):
+        parse(text + 'vllm:num_requests_running{engine="9" 3\n', 5.0)
+
+
+def test_infinite_values_read_as_unknown() -> None:
+    text = page("vllm-0.6.6.txt")
+    usage = re.compile(r"^(vllm:gpu_cache_usage_perc\{[^}]*\}) \S+$", re.M)
+    preempt = re.compile(r"^(vllm:num_preemptions_total\{[^}]*\}) \S+$", re.M)
+    assert usage.search(text) and preempt.search(text)
+    signal = parse(preempt.sub(r"\1 +Inf", usage.sub(r"\1 +Inf", text)), 5.0)
+    assert signal.kv_usage is None and signal.preemptions_total is None
+    assert signal.counter_series == ()
