@@ -74,7 +74,9 @@ class Controller:
             self.gate.window = policy.initial_window()
 
     def observe(self, now: float, signal: EngineSignal | None, stale: bool) -> Observation:
-        """Build the policy's observation (also used by status pages)."""
+        """Build the policy's observation for a tick. A new reading also advances the
+        interval rates (new preemptions, hit rate), so call it once per tick, as
+        :meth:`tick` does; status pages read :attr:`last` instead."""
         usable = signal if (signal is not None and not stale) else None
         if usable is not None:
             if self._prev is None or usable.timestamp != self._prev.timestamp:
