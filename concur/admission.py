@@ -390,6 +390,12 @@ class AdmissionGate:
         if agent.state is AgentState.QUEUED and not agent.pending:
             del self._queue[agent.agent_id]
             self._emit("cancelled", agent.agent_id, now)
+        elif ticket.done and agent.state is not AgentState.QUEUED:
+            # A paused agent's last step, given up: the agent is over, so it must not
+            # resume into a slot it would only hold until admission.idle_timeout.
+            agent.ending = True
+            if agent.in_flight == 0 and not agent.pending:
+                self._end(agent, now, "done")
 
     def end(self, agent_id: str, reason: str = "ended") -> bool:
         """End an agent now (admin call or caller's decision); False if unknown."""

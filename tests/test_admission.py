@@ -422,3 +422,17 @@ def test_paused_agents_resume_in_the_order_view_lists_them() -> None:
     assert gate.view().candidate_contexts == (1_000, 90_000)  # B first, then A
     gate.apply(2, release_limit=1)
     assert states(gate) == {"y": "live", "B": "live", "A": "paused"}
+
+
+def test_a_paused_agents_last_step_given_up_ends_the_agent() -> None:
+    gate, _ = make_gate(2, idle_timeout=600.0)
+    for agent in ("a", "b"):
+        gate.finish(run(gate, agent))
+    gate.apply(1, pause=True)  # b is paused
+    last = run(gate, "b", done=True)
+    assert not last.granted
+    waiting = run(gate, "c")  # a new agent queues behind the paused one
+    gate.abandon(last)  # b's client gives up on its last step
+    assert gate.get("b") is None  # over now, not at admission.idle_timeout
+    gate.apply(2)
+    assert waiting.granted and states(gate) == {"a": "live", "c": "live"}
