@@ -679,7 +679,8 @@ class AdmissionGate:
                 self._live -= 1
             else:
                 self._paused -= 1
-            self.growth.observe_end(agent.requests)
+            if reason in ("done", "idle"):  # how long agents run, not how they are cut short
+                self.growth.observe_end(agent.requests)
         pending = list(agent.pending)
         agent.pending.clear()
         held = [t for t in self._held if t.agent_id == agent.agent_id]

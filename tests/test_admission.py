@@ -436,3 +436,17 @@ def test_a_paused_agents_last_step_given_up_ends_the_agent() -> None:
     assert gate.get("b") is None  # over now, not at admission.idle_timeout
     gate.apply(2)
     assert waiting.granted and states(gate) == {"a": "live", "c": "live"}
+
+
+def test_only_agents_that_ran_their_course_teach_the_growth_estimator() -> None:
+    gate, clock = make_gate(None, idle_timeout=1.0)
+    for agent, steps in (("done", 9), ("idle", 7)):
+        for i in range(steps):
+            gate.finish(run(gate, agent, done=agent == "done" and i == steps - 1))
+    gate.abandon(run(gate, "cancelled"))  # its first request given up: no course run
+    gate.finish(run(gate, "admin"))
+    assert gate.end("admin")
+    assert gate.reap() == []
+    clock.now = 2.0
+    assert gate.reap() == ["idle"]
+    assert gate.growth.expected_steps == 8.0  # (9 + 7) / 2
