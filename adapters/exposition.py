@@ -75,9 +75,11 @@ def parse_exposition(text: str, *, source: str, keep: Collection[str] | None = N
     """
     if keep:
         starts = tuple(name + end for name in keep for end in ("{", " "))
-        kept = "".join(line for line in text.splitlines(keepends=True) if line.startswith(starts))
+        # Lines end at "\n" only, as for the parser: str.splitlines would also split at
+        # characters a label value may hold (U+2028, \x85, ...).
+        kept = [line for line in text.split("\n") if line.startswith(starts)]
         if kept:
-            text = kept
+            text = "\n".join(kept) + "\n"
     collected: dict[str, list[Sample]] = {}
     try:
         for family in text_string_to_metric_families(text):

@@ -359,18 +359,18 @@ class AdmissionGate:
         A waiting ticket leaves no trace; a queued agent whose only request
         this was is removed. A ticket granted in the same instant is finished,
         and if it admitted its agent and nothing else happened, the agent is
-        removed too, so a cancelled first request never holds a slot.
+        removed too, so a cancelled first request never holds a slot. A given-up
+        last step (``done``) ends its agent as soon as nothing else of it is in
+        flight or waiting, whatever state the step was in: the agent is over and
+        must not hold (or resume into) a slot until ``admission.idle_timeout``.
         """
         now = self._clock()
         if ticket.status is TicketStatus.GRANTED:
             ticket.status = TicketStatus.CANCELLED
             agent = self._counted_in(ticket)
-            if agent is None:
-                return
-            agent.in_flight -= 1
-            idle = agent.in_flight == 0 and not agent.pending
-            if idle and (agent.requests == 0 or agent.ending):
-                self._end(agent, now, "cancelled")
+            if agent is not None:
+                agent.in_flight -= 1
+                self._after_abandon(agent, ticket, now)
             return
         if ticket.status is not TicketStatus.WAITING:
             return
@@ -380,22 +380,28 @@ class AdmissionGate:
             agent = self._counted_in(ticket)
             if agent is not None:
                 agent.in_flight -= 1
-                if agent.in_flight == 0 and not agent.pending and agent.requests == 0:
-                    self._end(agent, now, "cancelled")
+                self._after_abandon(agent, ticket, now)
             return
         agent = self.get(ticket.agent_id)
         if agent is None:
             return
         agent.pending.remove(ticket)
-        if agent.state is AgentState.QUEUED and not agent.pending:
-            del self._queue[agent.agent_id]
-            self._emit("cancelled", agent.agent_id, now)
-        elif ticket.done and agent.state is not AgentState.QUEUED:
-            # A paused agent's last step, given up: the agent is over, so it must not
-            # resume into a slot it would only hold until admission.idle_timeout.
+        if agent.state is AgentState.QUEUED:
+            if ticket.done:
+                agent.ending = True
+            if not agent.pending:
+                del self._queue[agent.agent_id]
+                self._emit("cancelled", agent.agent_id, now)
+            return
+        self._after_abandon(agent, ticket, now)
+
+    def _after_abandon(self, agent: Agent, ticket: Ticket, now: float) -> None:
+        """An admitted agent lost a request: end it if that leaves it with nothing to do
+        and it never did anything (a cancelled first request) or it is over."""
+        if ticket.done:
             agent.ending = True
-            if agent.in_flight == 0 and not agent.pending:
-                self._end(agent, now, "done")
+        if agent.in_flight == 0 and not agent.pending and (agent.requests == 0 or agent.ending):
+            self._end(agent, now, "cancelled" if agent.requests == 0 else "done")
 
     def end(self, agent_id: str, reason: str = "ended") -> bool:
         """End an agent now (admin call or caller's decision); False if unknown."""

@@ -229,7 +229,7 @@ class ServerSettings(_Section):
     send_timeout: float = Field(
         60.0,
         gt=0,
-        description="Seconds a response may wait for a client that stopped reading; then "
+        description="Seconds a client may read nothing while a response waits for it; then "
         "the connection is closed and the agent's request ends.",
     )
     admin_token: SecretStr | None = Field(

@@ -207,23 +207,45 @@ class SendWatch:
     """``server.send_timeout`` for one response: a client that stops reading.
 
     The relay counts the writes it starts (:attr:`writes`) and says while one is
-    under way (:attr:`writing`); a write waits only when the client's socket is full.
-    Every ``limit`` seconds the watch looks: a write still under way that had already
-    started at the previous look has waited at least ``limit`` seconds, and then
+    under way (:attr:`writing`); a write waits only while the client's socket and
+    the transport's buffer are full. Every ``limit`` seconds the watch looks, and
+    reads ``unsent()`` (the bytes still on their way to the client: the proxy counts
+    the transport's buffer and the socket's send queue). When a write that
+    had already started at the previous look is still under way and nothing of the
+    buffer went out since, the client read nothing for at least ``limit`` seconds:
     ``on_stuck`` runs (the proxy closes the client's connection, which ends the
-    write and frees the agent's slot). Per chunk this costs two attribute stores, and
-    per request one heap entry every ``limit`` seconds.
+    write and frees the agent's slot). A slow reader empties the buffer bit by bit
+    and is never cut off, however long one large write takes. Per chunk this costs
+    two attribute stores, and per request one heap entry every ``limit`` seconds.
     """
 
-    __slots__ = ("_deadlines", "_limit", "_on_stuck", "_seen", "_when", "writes", "writing")
+    __slots__ = (
+        "_deadlines",
+        "_limit",
+        "_on_stuck",
+        "_seen",
+        "_seen_unsent",
+        "_unsent",
+        "_when",
+        "writes",
+        "writing",
+    )
 
-    def __init__(self, deadlines: Deadlines, limit: float, on_stuck: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        deadlines: Deadlines,
+        limit: float,
+        on_stuck: Callable[[], None],
+        unsent: Callable[[], int],
+    ) -> None:
         self._deadlines = deadlines
         self._limit = limit
         self._on_stuck = on_stuck
+        self._unsent = unsent
         self.writes = 0
         self.writing = False
         self._seen = -1
+        self._seen_unsent = 0
         self._when: float | None = None
         self._arm()
 
@@ -237,10 +259,12 @@ class SendWatch:
 
     def fire(self) -> None:
         self._when = None
-        if self.writing and self.writes == self._seen:
+        unsent = self._unsent()
+        if self.writing and self.writes == self._seen and unsent >= self._seen_unsent:
             self._on_stuck()
             return
         self._seen = self.writes
+        self._seen_unsent = unsent
         self._arm()
 
     def _arm(self) -> None:

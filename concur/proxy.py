@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import logging
 import math
 import ssl
+import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +60,14 @@ from concur.usage import (
 )
 
 log = logging.getLogger("concur.proxy")
+
+try:  # the socket send queue's size, for the send timeout (Linux, macOS)
+    import fcntl
+    import termios
+
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - Windows
+    _TIOCOUTQ = None
 
 GATED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 """POST paths that are agent steps and go through admission."""
@@ -180,6 +190,19 @@ class RequestIds:
 
     def __call__(self) -> str:
         return f"{self._prefix}{next(self._next) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _unsent_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to a client that it has not taken yet: the transport's buffer plus,
+    where the OS tells (``TIOCOUTQ``), the socket's send queue. The kernel's queue can
+    hold megabytes and drains as the client reads, while the transport's buffer only
+    moves when the kernel makes room in large steps, so both are counted."""
+    size = transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _TIOCOUTQ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    return size
 
 
 def _is_json(content_type: str) -> bool:
@@ -529,7 +552,8 @@ class Proxy:
         return openai_error(502, message, type_="upstream_error", code="upstream_unavailable")
 
     def _send_watch(self, request: web.Request, rid: str, step: _Step) -> SendWatch:
-        """Close the client's connection when a write to it waits ``send_timeout`` s."""
+        """Close the client's connection when it reads nothing for ``send_timeout`` s
+        while a write to it waits."""
         limit = self.options.send_timeout
         deadlines = self._deadlines
         assert deadlines is not None
@@ -546,7 +570,12 @@ class Proxy:
             if request.transport is not None:
                 request.transport.abort()
 
-        return SendWatch(deadlines, limit, stuck)
+        transport = request.transport
+
+        def unsent() -> int:
+            return _unsent_bytes(transport) if transport is not None else 0
+
+        return SendWatch(deadlines, limit, stuck, unsent)
 
     async def _relay(
         self,

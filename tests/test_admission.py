@@ -450,3 +450,28 @@ def test_only_agents_that_ran_their_course_teach_the_growth_estimator() -> None:
     clock.now = 2.0
     assert gate.reap() == ["idle"]
     assert gate.growth.expected_steps == 8.0  # (9 + 7) / 2
+
+
+@pytest.mark.parametrize("path", ["done_first", "done_last", "granted", "held"])
+def test_a_given_up_last_step_ends_its_agent_on_every_path(path: str) -> None:
+    gate, _ = make_gate(2)
+    for agent in ("a", "b"):
+        gate.finish(run(gate, agent))
+    if path == "held":
+        gate.apply(2, hold_requests=True)
+        last = run(gate, "b", done=True)
+        assert last.held
+        gate.abandon(last)
+    else:
+        gate.apply(1, pause=True)  # b is paused; its next steps wait
+        if path == "granted":
+            last = run(gate, "b", done=True)
+            gate.apply(2)  # resumed: the last step is granted...
+            assert last.granted
+            gate.abandon(last)  # ...and its caller gives up in the same instant
+        else:
+            other = run(gate, "b")
+            last = run(gate, "b", done=True)
+            for ticket in (last, other) if path == "done_first" else (other, last):
+                gate.abandon(ticket)
+    assert gate.get("b") is None and gate.live == 1

@@ -354,3 +354,12 @@ def test_infinite_values_read_as_unknown() -> None:
     signal = parse(preempt.sub(r"\1 +Inf", usage.sub(r"\1 +Inf", text)), 5.0)
     assert signal.kv_usage is None and signal.preemptions_total is None
     assert signal.counter_series == ()
+
+
+@pytest.mark.parametrize("odd", ["\u2028", "\x85", "\x0b", "\x1c"])
+def test_a_model_name_with_a_unicode_line_separator_still_parses(odd: str) -> None:
+    text = page("vllm-0.11.0.txt")
+    name = re.search(r'model_name="([^"]+)"', text)
+    assert name is not None
+    renamed = text.replace(name.group(1), f"team{odd}model")
+    assert parse(renamed, 5.0).kv_usage == parse(text, 5.0).kv_usage is not None

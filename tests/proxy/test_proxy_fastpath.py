@@ -638,11 +638,12 @@ def test_shared_deadlines_fire_each_live_timer_once_at_its_time(
     assert len(deadlines) <= max(130, 2 * sum(1 for t in timers if t.when is not None) + 130)
 
 
-def test_send_watch_cuts_off_only_a_write_stuck_for_a_whole_period() -> None:
+def test_send_watch_cuts_off_only_a_client_that_read_nothing_for_a_whole_period() -> None:
     loop = _ManualLoop()
     deadlines = Deadlines(loop)  # type: ignore[arg-type]
     stuck: list[float] = []
-    watch = SendWatch(deadlines, 10.0, lambda: stuck.append(loop.now))
+    unsent = [0]
+    watch = SendWatch(deadlines, 10.0, lambda: stuck.append(loop.now), lambda: unsent[0])
     # A slow reader: every write waits, but each one finishes within the period.
     for t in range(1, 60):
         watch.writes += 1
@@ -653,14 +654,23 @@ def test_send_watch_cuts_off_only_a_write_stuck_for_a_whole_period() -> None:
     # Waiting on the upstream (no write under way) for long is not the client's fault.
     loop.advance(100.0)
     assert stuck == []
-    # A write starting just before a look is not stuck yet at that look...
-    loop.advance(109.9)
+    # One large write that takes several periods, while the client keeps reading.
     watch.writes += 1
     watch.writing = True
-    loop.advance(110.0)
+    for t, left in ((110.0, 900_000), (120.0, 600_000), (130.0, 300_000), (140.0, 100_000)):
+        unsent[0] = left
+        loop.advance(t)
     assert stuck == []
-    # ...but at the next one it has waited a whole period: cut off, once.
+    watch.writing = False
+    # A write starting just before a look is not stuck yet at that look...
+    loop.advance(149.9)
+    watch.writes += 1
+    watch.writing = True
+    unsent[0] = 500_000
+    loop.advance(150.0)
+    assert stuck == []
+    # ...but when nothing went out by the next one, the client read nothing: cut off, once.
     loop.advance(200.0)
-    assert stuck == [120.0]
+    assert stuck == [160.0]
     watch.cancel()
     assert len(deadlines) <= 1

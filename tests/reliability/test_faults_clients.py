@@ -182,6 +182,42 @@ async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
     await assert_invariants(c, ledger)
 
 
+async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(
+    start_concur: Start, fake: FakeVLLM, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One write to a slow reader can take far longer than ``server.send_timeout`` (the
+    relay writes what piled up, up to ~512 KiB at once); as long as the client keeps
+    reading, it is not stalled."""
+    c = await start_concur(**{"server.send_timeout": 0.05})
+    total = 8 << 20
+    body = json.dumps(chat(stream=True)).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: concur\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{AGENT}: slow\r\nX-Concur-Agent-Done: 1\r\n"
+        f"X-Fake-Bulk: {total}\r\nX-Test-Id: slow\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", c.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 << 10)
+    ledger.begin()
+    received, tail = 0, b""
+    try:
+        writer.write(request)
+        await writer.drain()
+        while chunk := await reader.read(16 << 10):  # ~3 MB/s, never a pause over 5 ms
+            received += len(chunk)
+            tail = (tail + chunk)[-64:]
+            await asyncio.sleep(0.005)
+    finally:
+        writer.close()
+    assert b"0\r\n\r\n" in tail and received > total  # the whole stream, ended properly
+    assert not [r for r in caplog.records if r.getMessage() == "client_stalled"]
+    ledger.add(Outcome("slow reader", 200, {"x-concur-request-id": "raw"}, b""))
+    await assert_invariants(c, ledger)
+
+
 # -------------------------------------------------------------------- stampede
 
 
