@@ -44,7 +44,7 @@ from concur.adapters.exposition import (
     mean,
     parse_exposition,
 )
-from concur.adapters.signal import EngineSignal
+from concur.adapters.signal import EngineSignal, series_total
 
 GROUP_BY = ("model_name", "dp_rank")
 """The labels that tell one scheduler (DP rank of one model) from another."""
@@ -73,21 +73,18 @@ def parse(text: str, timestamp: float) -> EngineSignal:
             "SGLang server started with --enable-metrics"
         )
     capacity = _fold(page, CAPACITY, across=sum)
+    retracted = groups(page.samples(RETRACTED_TOTAL), GROUP_BY, _is_total)
+    series = tuple(("preemptions", key, max(values)) for key, values in sorted(retracted.items()))
     return EngineSignal(
         timestamp=timestamp,
         kv_usage=_fold(page, TOKEN_USAGE, across=max),
         running=as_count(_fold(page, RUNNING, across=sum)),
         waiting=as_count(_fold(page, QUEUED, across=sum)),
-        preemptions_total=_fold(page, RETRACTED_TOTAL, across=sum),
+        preemptions_total=series_total(series, "preemptions"),
         hit_rate=_fold(page, CACHE_HIT_RATE, across=mean),
         kv_capacity_tokens=round(capacity) if capacity is not None and capacity > 0 else None,
         engines=_engines(page),
-        counter_series=tuple(
-            ("preemptions", key, max(values))
-            for key, values in sorted(
-                groups(page.samples(RETRACTED_TOTAL), GROUP_BY, _is_total).items()
-            )
-        ),
+        counter_series=series,
     )
 
 

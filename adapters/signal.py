@@ -10,6 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+CounterSeries = tuple[tuple[str, tuple[str, ...], float], ...]
+"""Counters per engine: ``(counter, engine key, value)``, counter one of ``preemptions``,
+``prefix_hits``, ``prefix_queries``."""
+
+
+def series_total(series: CounterSeries, counter: str) -> float | None:
+    """``counter`` summed over the engines in ``series``; None when none has it."""
+    values = [value for name, _, value in series if name == counter]
+    return sum(values) if values else None
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSignal:
@@ -39,11 +49,11 @@ class EngineSignal:
     """KV cache capacity in tokens (num_gpu_blocks x block_size), summed over engines."""
     engines: int | None = None
     """How many engine instances (data-parallel ranks) the reading aggregates."""
-    counter_series: tuple[tuple[str, tuple[str, ...], float], ...] = ()
-    """The counters per engine, ``(counter, engine key, value)`` with counter one of
-    ``preemptions``, ``prefix_hits``, ``prefix_queries`` (empty: only the totals are
-    known). Rates are taken per engine, so one data-parallel rank restarting, or
-    missing from one scrape, is not read as a burst of everything the others counted."""
+    counter_series: CounterSeries = ()
+    """The counters per engine (:data:`CounterSeries`; empty: only the totals are
+    known), which the ``*_total`` fields sum. Rates are taken per engine, so one
+    data-parallel rank restarting, or missing from one scrape, is not read as a burst
+    of everything the others counted."""
 
     def at(self, timestamp: float) -> EngineSignal:
         """The same reading stamped with another time."""

@@ -58,7 +58,7 @@ from concur.adapters.exposition import (
     mean,
     parse_exposition,
 )
-from concur.adapters.signal import EngineSignal
+from concur.adapters.signal import CounterSeries, EngineSignal, series_total
 
 GROUP_BY = ("model_name", "engine")
 """The labels that tell one engine (DP rank of one model) from another."""
@@ -97,20 +97,21 @@ def parse(text: str, timestamp: float) -> EngineSignal:
             "the metrics page has no vllm:* metric: check that the URL points at a vLLM "
             "server and that it was not started with --disable-log-stats"
         )
-    hits = _first(page, PREFIX_HITS, across=sum)
-    queries = _first(page, PREFIX_QUERIES, across=sum)
+    series = _counter_series(page)
+    hits = series_total(series, "prefix_hits")
+    queries = series_total(series, "prefix_queries")
     return EngineSignal(
         timestamp=timestamp,
         kv_usage=_first(page, KV_USAGE, across=max),
         running=as_count(_first(page, (RUNNING,), across=sum)),
         waiting=as_count(_first(page, (WAITING,), across=sum)),
-        preemptions_total=_first(page, (PREEMPTIONS,), across=sum),
+        preemptions_total=series_total(series, "preemptions"),
         prefix_hits_total=hits,
         prefix_queries_total=queries,
         hit_rate=_hit_rate_gauge(page) if hits is None or queries is None else None,
         kv_capacity_tokens=_capacity(page),
         engines=_engines(page),
-        counter_series=_counter_series(page),
+        counter_series=series,
     )
 
 
@@ -123,8 +124,9 @@ def _first(page: Exposition, names: Sequence[str], *, across: Combine) -> float 
     return None
 
 
-def _counter_series(page: Exposition) -> tuple[tuple[str, tuple[str, ...], float], ...]:
-    """Each counter per engine (the first of its names the page has), for per-engine rates."""
+def _counter_series(page: Exposition) -> CounterSeries:
+    """Each counter per engine (the first of its names the page has; duplicates within an
+    engine folded with max), for per-engine rates and, summed, the totals."""
     out: list[tuple[str, tuple[str, ...], float]] = []
     for counter, names in COUNTERS:
         for name in names:
