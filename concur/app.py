@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -81,8 +82,11 @@ def proxy_options(settings: Settings) -> ProxyOptions:
     )
 
 
-def make_poller(settings: Settings, clock: Clock) -> Poller:
-    """The engine poller, from ``engine.*`` (the metrics URL defaults to the upstream's)."""
+def make_poller(
+    settings: Settings, clock: Clock, ssl_context: ssl.SSLContext | None = None
+) -> Poller:
+    """The engine poller, from ``engine.*`` (the metrics URL defaults to the upstream's);
+    ``ssl_context`` is the upstream client's, so ``upstream.ca_file`` is read once."""
     adapter = get_adapter(settings.engine.kind)
     url = settings.metrics_url()
     base = url[: -len(adapter.metrics_path)] if url.endswith(adapter.metrics_path) else url
@@ -95,7 +99,7 @@ def make_poller(settings: Settings, clock: Clock) -> Poller:
         stale_after=eng.stale_after,
         max_backoff=max(5.0, eng.poll_interval),
         clock=clock,
-        ssl_context=tls_context(settings.upstream.ca_file),
+        ssl_context=ssl_context,
     )
 
 
@@ -153,8 +157,10 @@ class Runtime:
             failure_mode=settings.control.failure_mode,
             on_tick=self._on_tick,
         )
-        self.poller = poller if poller is not None else make_poller(settings, clock)
         self.options = proxy_options(settings)
+        self.poller = (
+            poller if poller is not None else make_poller(settings, clock, self.options.ssl_context)
+        )
         self.upstream: Upstream | None = None
         # Built now so the application can route to its handler directly; it gets its
         # upstream client (whose connections need the running loop) in start().
