@@ -75,8 +75,7 @@ async def _feed(
     bounds = [0, *sorted(c for c in set(cuts) if 0 < c < len(raw)), len(raw)]
     for a, b in itertools.pairwise(bounds):
         conn.data_received(raw[a:b])
-    if not task.done():  # (always: the task runs after this, as the reader would)
-        conn.connection_lost(lost)
+    conn.connection_lost(lost)  # (before the task runs, as a reader that comes later would)
     try:
         resp = await task
     except Exception as exc:
@@ -368,6 +367,14 @@ async def _read_all(resp: UpstreamResponse) -> bytes:
     return bytes(out)
 
 
+async def _fetch(up: Upstream, method: str = "GET") -> bytes:
+    """One request without a body; its response body, read whole, and the response released."""
+    resp = await up.request(method, "/", {})
+    body = await _read_all(resp)
+    resp.release()
+    return body
+
+
 async def test_requests_reuse_one_connection_and_send_what_was_asked() -> None:
     seen: dict[str, Any] = {"requests": []}
     async with scripted(_keep_serving(seen)) as server:
@@ -395,9 +402,7 @@ async def test_post_without_body_sends_content_length_zero() -> None:
     seen: dict[str, Any] = {"requests": []}
     async with scripted(_keep_serving(seen)) as server:
         up = Upstream(server["url"])
-        resp = await up.request("POST", "/", {})
-        await _read_all(resp)
-        resp.release()
+        await _fetch(up, "POST")
         await up.close()
     assert b"\r\nContent-Length: 0\r\n" in seen["requests"][0][1]
 
@@ -426,9 +431,7 @@ async def test_close_delimited_body_and_connection_close_are_not_reused() -> Non
     async with scripted(script) as server:
         up = Upstream(server["url"])
         for _ in range(2):
-            resp = await up.request("GET", "/", {})
-            assert await _read_all(resp) == b"part one, part two"
-            resp.release()
+            assert await _fetch(up) == b"part one, part two"
             assert up.idle == 0
         await up.close()
     assert server["connections"] == 2
@@ -444,12 +447,8 @@ async def test_keepalive_race_retries_idempotent_requests_only() -> None:
 
     async with scripted(script) as server:
         up = Upstream(server["url"])
-        resp = await up.request("GET", "/", {})
-        assert await _read_all(resp) == b"1"
-        resp.release()
-        resp = await up.request("GET", "/", {})  # reused, dropped, sent again on a new one
-        assert await _read_all(resp) == b"2"
-        resp.release()
+        assert await _fetch(up) == b"1"
+        assert await _fetch(up) == b"2"  # reused, dropped, sent again on a new one
         with pytest.raises(UpstreamDisconnected, match="before answering") as caught:
             await up.request("POST", "/", {}, b"{}")  # reused, dropped: never sent twice
         assert caught.value.before_response
@@ -460,16 +459,12 @@ async def test_keepalive_race_retries_idempotent_requests_only() -> None:
 async def test_idle_connections_expire() -> None:
     async with scripted(_keep_serving()) as server:
         up = Upstream(server["url"], keepalive=0.1)
-        resp = await up.request("GET", "/", {})
-        await _read_all(resp)
-        resp.release()
+        await _fetch(up)
         assert up.idle == 1
         await asyncio.sleep(0.4)
         assert up.idle == 0
         assert server["closed"] == 1
-        resp = await up.request("GET", "/", {})  # a fresh connection
-        await _read_all(resp)
-        resp.release()
+        await _fetch(up)  # a fresh connection
         await up.close()
     assert server["connections"] == 2
 
@@ -477,13 +472,9 @@ async def test_idle_connections_expire() -> None:
 async def test_an_expired_connection_is_not_taken_even_before_the_sweep() -> None:
     async with scripted(_keep_serving()) as server:
         up = Upstream(server["url"], keepalive=0.1)
-        resp = await up.request("GET", "/", {})
-        await _read_all(resp)
-        resp.release()
+        await _fetch(up)
         time.sleep(0.2)  # noqa: ASYNC251 (blocks the loop on purpose: the sweep cannot run first)
-        resp = await up.request("GET", "/", {})
-        await _read_all(resp)
-        resp.release()
+        await _fetch(up)
         await up.close()
     assert server["connections"] == 2
 

@@ -93,6 +93,37 @@ async def test_disconnect_mid_stream(start_concur: Start, fake: FakeVLLM, ledger
 # ------------------------------------------------------------------ slow readers
 
 
+async def _bulk_step(
+    c: Concur,
+    agent: str,
+    test_id: str,
+    total: int,
+    *,
+    rcvbuf: int,
+    close: bool = True,
+    limit: int = 1 << 16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw streaming last step of ``agent`` for which the fake streams ``total`` bytes,
+    sent on a socket whose receive buffer is ``rcvbuf`` (set before connecting: no
+    autotuning); ``limit`` is the reader's buffer limit."""
+    body = json.dumps(chat(stream=True)).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: concur\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{AGENT}: {agent}\r\nX-Concur-Agent-Done: 1\r\n"
+        f"X-Fake-Bulk: {total}\r\nX-Test-Id: {test_id}\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    ).encode() + body
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", c.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+    writer.write(request)
+    await writer.drain()
+    return reader, writer
+
+
 async def test_slow_reader_gets_backpressure_not_buffering(
     start_concur: Start, fake: FakeVLLM, ledger: Ledger
 ) -> None:
@@ -100,21 +131,9 @@ async def test_slow_reader_gets_backpressure_not_buffering(
     what socket buffers hold, never the whole body."""
     c = await start_concur()
     total = 48 << 20  # far more than any socket buffer
-    body = json.dumps(chat(stream=True)).encode()
-    request = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: concur\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n{AGENT}: slow-reader\r\nX-Concur-Agent-Done: 1\r\n"
-        f"X-Fake-Bulk: {total}\r\nX-Test-Id: bulk\r\nConnection: close\r\n\r\n"
-    ).encode() + body
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # no autotuning
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", c.server.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
     ledger.begin()
+    reader, writer = await _bulk_step(c, "slow-reader", "bulk", total, rcvbuf=64 << 10)
     try:
-        writer.write(request)
-        await writer.drain()
         got = await reader.read(256 << 10)
         assert got.startswith(b"HTTP/1.1 200"), got[:200]
         # Stop reading. The upstream can only write until the buffers between are full.
@@ -148,21 +167,11 @@ async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
     """A client that never reads again would hold its agent's slot (and the engine's
     stream) forever: after ``server.send_timeout`` its connection is closed."""
     c = await start_concur(**{"server.send_timeout": 0.3})
-    body = json.dumps(chat(stream=True)).encode()
-    request = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: concur\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n{AGENT}: stalled\r\nX-Concur-Agent-Done: 1\r\n"
-        f"X-Fake-Bulk: {256 << 20}\r\nX-Test-Id: stalled\r\n\r\n"
-    ).encode() + body
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", c.server.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
     ledger.begin()
+    reader, writer = await _bulk_step(
+        c, "stalled", "stalled", 256 << 20, rcvbuf=64 << 10, close=False
+    )
     try:
-        writer.write(request)
-        await writer.drain()
         got = await reader.read(4096)
         assert got.startswith(b"HTTP/1.1 200"), got[:200]
         await wait_for(lambda: c.runtime.gate.active == 1, what="the agent admitted")
@@ -190,22 +199,10 @@ async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(
     reading, it is not stalled."""
     c = await start_concur(**{"server.send_timeout": 0.05})
     total = 8 << 20
-    body = json.dumps(chat(stream=True)).encode()
-    request = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: concur\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n{AGENT}: slow\r\nX-Concur-Agent-Done: 1\r\n"
-        f"X-Fake-Bulk: {total}\r\nX-Test-Id: slow\r\nConnection: close\r\n\r\n"
-    ).encode() + body
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", c.server.port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=16 << 10)
     ledger.begin()
+    reader, writer = await _bulk_step(c, "slow", "slow", total, rcvbuf=16 << 10, limit=16 << 10)
     received, tail = 0, b""
     try:
-        writer.write(request)
-        await writer.drain()
         while chunk := await reader.read(16 << 10):  # ~3 MB/s, never a pause over 5 ms
             received += len(chunk)
             tail = (tail + chunk)[-64:]
