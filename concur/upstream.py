@@ -678,10 +678,14 @@ class Upstream:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.clock() - conn.idle_since < self.keepalive:
+            if not self._stale(conn, conn.clock()):
                 return conn
             conn.abort()
         return None
+
+    def _stale(self, conn: _Connection, now: float) -> bool:
+        """Not to be used again: closed (or closing), or idle ``keepalive`` seconds."""
+        return conn.closed or now - conn.idle_since >= self.keepalive
 
     def _expire(self) -> None:
         """Close connections idle for ``keepalive`` seconds (the oldest are first)."""
@@ -691,9 +695,7 @@ class Upstream:
             return
         now = idle[0].clock()
         stale = 0
-        while stale < len(idle) and (
-            idle[stale].closed or now - idle[stale].idle_since >= self.keepalive
-        ):
+        while stale < len(idle) and self._stale(idle[stale], now):
             idle[stale].abort()
             stale += 1
         del idle[:stale]
