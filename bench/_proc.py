@@ -6,6 +6,7 @@ CPU time and resident memory come from ``/proc/<pid>/stat`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,6 +56,41 @@ def machine() -> str:
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages: how busy the shared machine was."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def pin_away_from_the_model(group: int) -> str:
+    """Keep everything but vLLM's model worker off the worker's cores.
+
+    ``group`` is the vLLM server's process group (it was started in a session of its own).
+
+    vLLM's CPU backend binds its model worker (``VLLM::Worker``) to its cores and leaves
+    the others to the rest; its API server and engine core float, and so would this
+    harness, concur and ThunderAgent. Pinning all of them to the cores the worker does
+    not use keeps them from stealing its core mid-step: less noise from run to run.
+    """
+    worker_cpus: set[int] = set()
+    others: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            pid = int(proc.name)
+            if os.getpgid(pid) != group:
+                continue
+            name = (proc / "comm").read_text().strip()
+        except (OSError, ProcessLookupError):
+            continue
+        if name.startswith("VLLM::Worker"):
+            worker_cpus |= os.sched_getaffinity(pid)
+        else:
+            others.append(pid)
+    rest = set(range(os.cpu_count() or 1)) - worker_cpus
+    if not worker_cpus or not rest:
+        return "not pinned (no model worker found, or it has every core)"
+    for pid in [*others, os.getpid()]:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, rest)
+    return f"model worker on cores {sorted(worker_cpus)}, everything else on {sorted(rest)}"
 
 
 @dataclass

@@ -40,8 +40,9 @@ from typing import Any
 
 from concur.sim.batch import Job, run_job
 from concur.sim.demo.live import fetch_json, run_live
-from concur.sim.demo.orchestrate import Supervisor, free_port, start_concur, start_engine
+from concur.sim.demo.orchestrate import start_concur, start_engine
 from concur.sim.demo.scenario import SCENARIOS, Scenario, live_settings, set_flags
+from concur.sim.procs import Supervisor, free_port
 from concur.sim.runner import RunOptions
 
 TOLERANCE = 0.15

@@ -53,6 +53,7 @@ def run_job(job: Job, progress: ProgressFn | None = None) -> RunResult:
         seed=job.seed,
         block_size=job.engine.block_size,
         progress=report,
+        request_overhead=job.engine.request_overhead,
     )
     result = runner.run()
     result.summary = _relabel(result, job.label)

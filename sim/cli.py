@@ -73,7 +73,10 @@ def register(sub: Any) -> None:
         help="generate a synthetic trace of a named shape",
         description="Write a seeded synthetic trace in concur's native JSONL format.",
     )
-    gen.add_argument("shape", help="swe-swarm, swe-swarm-staggered, chat or small")
+    gen.add_argument(
+        "shape",
+        help="swe-swarm, swe-swarm-staggered, chat, small, tool-bound, engine-bound or staggered",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--agents", type=int, default=None, help="override the shape's agent count")
     gen.add_argument("--out", type=Path, required=True, help="output .jsonl file")
@@ -115,8 +118,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-tokens", type=int, default=None, help="KV capacity in tokens (default: from memory)"
     )
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 (or the preset's)")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default: 8192 (or the preset's)"
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help=(
+            "a measured engine instead of the model/GPU roofline: cpu-tiny (vLLM's CPU build "
+            "serving concur's tiny model, as bench/real_engine.py runs it; fitted by "
+            "bench/engine_costs.py)"
+        ),
+    )
     p.add_argument(
         "--engine",
         choices=("builtin", "vllm"),
@@ -152,15 +167,23 @@ def load_trace_arg(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def engine_spec(args: argparse.Namespace) -> Any:
+    """The engine of ``--model --gpu --tp --kv-tokens ...``, or of ``--preset``."""
     from concur.sim.engine_config import EngineSpec
 
+    if args.preset is not None:
+        return EngineSpec.from_preset(
+            args.preset,
+            kv_capacity_tokens=args.kv_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
     return EngineSpec(
         model=args.model,
         gpu=args.gpu,
         tp=args.tp,
         kv_capacity_tokens=args.kv_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs or 256,
+        max_num_batched_tokens=args.max_num_batched_tokens or 8192,
     )
 
 

@@ -326,7 +326,7 @@ def register_compare(sim_subparsers: Any) -> None:
 def cmd_compare_engines(args: argparse.Namespace) -> int:
     from concur.config import settings_from_args
     from concur.policies.registry import PolicyError, build_policy
-    from concur.sim.cli import DEFAULT_POLICIES, load_trace_arg
+    from concur.sim.cli import DEFAULT_POLICIES, engine_spec, load_trace_arg
 
     settings = settings_from_args(args)
     policies = list(args.policy or DEFAULT_POLICIES)
@@ -334,14 +334,7 @@ def cmd_compare_engines(args: argparse.Namespace) -> int:
         for spec in policies:
             build_policy(spec, settings.policy)
         trace, label = load_trace_arg(args)
-        engine = EngineSpec(
-            model=args.model,
-            gpu=args.gpu,
-            tp=args.tp,
-            kv_capacity_tokens=args.kv_tokens,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-        )
+        engine = engine_spec(args)
         desc = engine.describe()
     except (PolicyError, ValueError, OSError) as exc:
         print(f"concur sim compare-engines: error: {exc}", file=sys.stderr)

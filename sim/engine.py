@@ -51,6 +51,7 @@ from concur.sim.scheduler import (
 from concur.sim.steptime import (
     GpuSpec,
     ModelSpec,
+    StepTime,
     StepTimeModel,
     build_step_time,
 )
@@ -85,7 +86,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    step_time: StepTimeModel = field(default_factory=_default_step_time)
+    step_time: StepTime = field(default_factory=_default_step_time)
     reserve_full_isl: bool = True
     """vLLM's ``scheduler_reserve_full_isl``: admit only if the whole sequence fits."""
     watermark: float = 0.0
@@ -292,7 +293,13 @@ class EngineModel:
         ``duration == 0`` and ``scheduled_tokens == 0``."""
         sched = self._sched
         batch = sched.schedule(now)
-        duration = self._duration(batch.scheduled_tokens, batch.context_tokens)
+        duration = self._duration(
+            batch.scheduled_tokens,
+            batch.context_tokens,
+            batch.prefill_pairs,
+            batch.prefill_context,
+            len(batch.requests),
+        )
         index = self._steps
         if batch.scheduled_tokens:
             self._steps += 1

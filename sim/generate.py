@@ -19,6 +19,18 @@ Shapes (see :func:`shapes`):
 - ``small``: 8 agents, 2-4 steps, a 512-token shared prompt, sub-second tools: for
   tests and quick demos.
 
+Three shapes sized for a 32,768-token KV cache, the regimes of
+``bench/real_engine.py`` on a real vLLM (each agent's final context is 30-45% of
+that cache):
+
+- ``tool-bound``: 16 coding agents at t=0, 8-12 steps, first prompts of 2-3k tokens,
+  400-900 tokens added per step, outputs of 60-120 tokens, tool calls of ~0.5-2 s
+  (median 1 s): agents spend most of their time in tools.
+- ``engine-bound``: the same agents with outputs of 200-400 tokens and tool calls of
+  ~0.2-1 s (median 0.45 s): the engine is the bottleneck.
+- ``staggered``: 24 agents arriving over 40 s with 3-16 steps each (mixed lengths),
+  a 512-token shared system prompt, outputs of 60-250 tokens, tools of median 0.8 s.
+
 Sampling: integer ranges are inclusive and uniform; tool latencies are
 ``lognormvariate(ln(median), sigma)`` rounded to milliseconds; the last step's tool
 latency is 0 (it is ignored anyway). Arrivals are ``burst`` (all at 0), ``uniform``
@@ -133,6 +145,21 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
         raise GenerateError(f"{name}: must be a finite number {bound}, got {value!r}")
 
 
+_TOOL_BOUND = Shape(
+    name="tool-bound",
+    description="16 agents at t=0, short outputs (60-120), tools of ~0.5-2 s: tool-bound",
+    agents=16,
+    steps=(8, 12),
+    first_input_tokens=(2000, 3000),
+    input_tokens=(400, 900),
+    output_tokens=(60, 120),
+    arrival="burst",
+    tool_latency_median_s=1.0,
+    tool_latency_sigma=0.35,
+    agent_prefix="tool",
+)
+
+
 def _builtin_shapes() -> dict[str, Shape]:
     swe = Shape(
         name="swe-swarm",
@@ -171,6 +198,31 @@ def _builtin_shapes() -> dict[str, Shape]:
             tool_latency_median_s=4.0,
             tool_latency_sigma=0.5,
             agent_prefix="chat",
+        ),
+        "tool-bound": _TOOL_BOUND,
+        "engine-bound": dataclasses.replace(
+            _TOOL_BOUND,
+            name="engine-bound",
+            description="16 agents at t=0, long outputs (200-400), short tools: engine-bound",
+            output_tokens=(200, 400),
+            tool_latency_median_s=0.45,
+            tool_latency_sigma=0.4,
+            agent_prefix="eng",
+        ),
+        "staggered": Shape(
+            name="staggered",
+            description="24 agents over 40 s, 3-16 steps, 512-token shared prompt",
+            agents=24,
+            steps=(3, 16),
+            first_input_tokens=(1500, 3000),
+            input_tokens=(300, 900),
+            output_tokens=(60, 250),
+            shared_prefix_tokens=512,
+            arrival="uniform",
+            arrival_window_s=40.0,
+            tool_latency_median_s=0.8,
+            tool_latency_sigma=0.5,
+            agent_prefix="stag",
         ),
         "small": Shape(
             name="small",

@@ -157,7 +157,10 @@ class Runner:
         seed: int = 0,
         block_size: int = 16,
         progress: Callable[[int, int], None] | None = None,
+        request_overhead: Callable[[int], float] | None = None,
     ) -> None:
+        """``request_overhead(prompt_tokens)``: seconds each request spends on its way to
+        the engine (a serving stack's HTTP, chat template and tokenizer), if any."""
         self.trace = trace
         self.engine = engine
         self.policy = policy
@@ -165,6 +168,7 @@ class Runner:
         self.kernel = EventKernel(rng=random.Random(seed))
         self.block_size = block_size
         self.progress = progress
+        self._overhead = request_overhead
         self.gate = AdmissionGate(clock=lambda: self.kernel.now, on_event=self._on_gate_event)
         self.controller = Controller(
             policy, self.gate, failure_mode=self.options.failure_mode, on_tick=self._on_tick
@@ -248,15 +252,20 @@ class Runner:
         agent.context = prompt
         agent.prompt_tokens = len(prompt)
         self._by_request[rid] = agent
-        self.engine.add_request(
-            EngineRequest(
-                request_id=rid,
-                prompt=prompt,
-                max_tokens=step.output_tokens,
-                known_prefix_tokens=agent.known_tokens,
-            ),
-            self.kernel.now,
+        req = EngineRequest(
+            request_id=rid,
+            prompt=prompt,
+            max_tokens=step.output_tokens,
+            known_prefix_tokens=agent.known_tokens,
         )
+        delay = 0.0 if self._overhead is None else self._overhead(len(prompt))
+        if delay > 0.0:
+            self.kernel.schedule_in(delay, Priority.TOOL_DONE, lambda: self._add(req))
+        else:
+            self._add(req)
+
+    def _add(self, req: EngineRequest) -> None:
+        self.engine.add_request(req, self.kernel.now)
         self._kick()
 
     def _finished(self, fin: FinishedRequest) -> None:

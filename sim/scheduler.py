@@ -193,6 +193,12 @@ class ScheduleBatch:
     decode_tokens: int
     context_tokens: int
     """Sum over scheduled requests of the tokens they attend over (KV read)."""
+    prefill_pairs: int
+    """Attention (query, key) pairs of the prefill chunks: a chunk of ``n`` tokens after
+    ``c`` computed ones has ``n x c + n (n + 1) / 2``; a decode token's pairs are its
+    context, already in ``context_tokens``."""
+    prefill_context: int
+    """The part of ``context_tokens`` that belongs to prefill chunks."""
     recomputed_tokens: int
     preempted: tuple[str, ...]
     admitted: tuple[str, ...]
@@ -416,6 +422,7 @@ class Scheduler:
         preempted: list[str] = []
         admitted: list[str] = []
         prefill = decode = context = recomputed = 0
+        pairs = prefill_context = 0  # attention of the prefill chunks (see ScheduleBatch)
 
         i = 0
         while i < len(running) and budget > 0:
@@ -457,6 +464,8 @@ class Scheduler:
                 decode += 1
             else:
                 prefill += n
+                pairs += n * comp + n * (n + 1) // 2
+                prefill_context += end
                 recomputed += self._account_prefill(r, comp, end)
             i += 1
 
@@ -536,6 +545,8 @@ class Scheduler:
                     decode += 1  # a resumed request whose sequence was all cached
                 else:
                     prefill += n
+                    pairs += n * comp + n * (n + 1) // 2
+                    prefill_context += end
                     recomputed += self._account_prefill(r, comp, end)
 
         scheduled = self.max_num_batched_tokens - budget
@@ -549,6 +560,8 @@ class Scheduler:
             prefill_tokens=prefill,
             decode_tokens=decode,
             context_tokens=context,
+            prefill_pairs=pairs,
+            prefill_context=prefill_context,
             recomputed_tokens=recomputed,
             preempted=tuple(preempted),
             admitted=tuple(admitted),

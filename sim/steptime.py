@@ -21,12 +21,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 __all__ = [
     "GPUS",
     "MODELS",
     "GpuSpec",
+    "MeasuredStepTime",
     "ModelSpec",
+    "StepTime",
     "StepTimeModel",
     "build_step_time",
     "get_gpu",
@@ -227,6 +230,28 @@ def kv_capacity_tokens(
     return tokens
 
 
+class StepTime(Protocol):
+    """How long one engine step takes, from what the scheduler put in it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def duration(
+        self,
+        scheduled_tokens: int,
+        context_tokens: int,
+        prefill_pairs: int = 0,
+        prefill_context: int = 0,
+        num_seqs: int | None = None,
+    ) -> float:
+        """Seconds for a step computing ``scheduled_tokens`` tokens whose requests
+        attend over ``context_tokens`` tokens in all; ``prefill_pairs`` and
+        ``prefill_context`` are the prefill chunks' attention pairs and their part of
+        the context (0 for a pure decode step), ``num_seqs`` the requests in the batch
+        (``None``: one per scheduled token, as in a pure decode step)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class StepTimeModel:
     """Per-GPU roofline constants; :meth:`duration` is the step time."""
@@ -251,9 +276,17 @@ class StepTimeModel:
         if self.overhead_s < 0:
             raise ValueError(f"StepTimeModel: overhead_s must be >= 0, got {self.overhead_s}")
 
-    def duration(self, scheduled_tokens: int, context_tokens: int) -> float:
+    def duration(
+        self,
+        scheduled_tokens: int,
+        context_tokens: int,
+        prefill_pairs: int = 0,
+        prefill_context: int = 0,
+        num_seqs: int | None = None,
+    ) -> float:
         """Seconds for a step computing ``scheduled_tokens`` tokens whose
-        requests attend over ``context_tokens`` tokens in total."""
+        requests attend over ``context_tokens`` tokens in total (the roofline reads
+        that KV once; the other arguments of :class:`StepTime` do not enter it)."""
         if scheduled_tokens <= 0:
             return 0.0
         t_mem = (self.weight_bytes + context_tokens * self.kv_bytes_per_token) / self.bandwidth
@@ -293,3 +326,58 @@ def build_step_time(
         overhead_s=overhead_s,
         name=f"{m.name}@{tp}x{g.name}",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredStepTime:
+    """A step time fitted to a running engine (``bench/engine_costs.py``), not a roofline.
+
+    The engine's part is ``base + per_token x scheduled + per_seq x sequences +
+    per_pair x prefill pairs + per_kv x decode context``: on a CPU the costs add up
+    (no bandwidth/compute overlap to take a maximum of), attention is quadratic in a
+    prefill (pairs of query and key tokens) and linear in the context for a decode
+    token. The serving stack around the engine (detokenizing, streaming, proxy and
+    client) handles every sequence's new token at ``frontend_per_seq_s`` each, in
+    parallel with the engine: a step lasts the longer of the two.
+    """
+
+    base_s: float
+    per_token_s: float
+    per_seq_s: float
+    per_pair_s: float
+    per_kv_s: float
+    frontend_per_seq_s: float = 0.0
+    name: str = "measured"
+
+    def __post_init__(self) -> None:
+        for label in (
+            "base_s",
+            "per_token_s",
+            "per_seq_s",
+            "per_pair_s",
+            "per_kv_s",
+            "frontend_per_seq_s",
+        ):
+            if getattr(self, label) < 0:
+                raise ValueError(f"MeasuredStepTime.{label} must be >= 0")
+
+    def duration(
+        self,
+        scheduled_tokens: int,
+        context_tokens: int,
+        prefill_pairs: int = 0,
+        prefill_context: int = 0,
+        num_seqs: int | None = None,
+    ) -> float:
+        if scheduled_tokens <= 0:
+            return 0.0
+        seqs = scheduled_tokens if num_seqs is None else num_seqs
+        engine = (
+            self.base_s
+            + self.per_token_s * scheduled_tokens
+            + self.per_seq_s * seqs
+            + self.per_pair_s * prefill_pairs
+            + self.per_kv_s * (context_tokens - prefill_context)
+        )
+        frontend = self.frontend_per_seq_s * seqs
+        return engine if engine > frontend else frontend

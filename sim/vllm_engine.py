@@ -366,7 +366,7 @@ class VllmEngine:
         v.init_none_hash(_fast_block_hash)
         self._hasher = v.get_request_block_hasher(cfg.block_size, _fast_block_hash)
         self._preempted_event = v.EngineCoreEventType.PREEMPTED
-        self._duration: Callable[[int, int], float] = cfg.step_time.duration
+        self._step_time = cfg.step_time
         self._tracks: dict[str, _Track] = {}
         self._c = _Counters()
         self._count_evictions()
@@ -497,6 +497,7 @@ class VllmEngine:
         req_ids: list[str] = []
         sampled: list[list[int]] = []
         prefill = decode = context = recomputed = 0
+        pairs = prefill_context = 0
         requests = sched.requests
         for rid, n in out.num_scheduled_tokens.items():
             r = requests[rid]
@@ -516,6 +517,8 @@ class VllmEngine:
                 decode += 1
             else:
                 prefill += n
+                pairs += n * start + n * (n + 1) // 2
+                prefill_context += end
                 t.prefill_tokens += n
                 limit = max(t.known_prefix, t.high_water)
                 if limit > start:
@@ -529,7 +532,9 @@ class VllmEngine:
             sampled.append([self.token_ids.token(t.out_key, num_out)] if end >= ntok else [])
 
         scheduled = int(out.total_num_scheduled_tokens)
-        duration = self._duration(scheduled, context)
+        duration = self._step_time.duration(
+            scheduled, context, pairs, prefill_context, len(out.num_scheduled_tokens)
+        )
         if scheduled:
             c.steps += 1
             c.busy_time += duration

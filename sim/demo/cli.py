@@ -60,8 +60,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from concur.sim.demo.orchestrate import ChildFailed
     from concur.sim.demo.scenario import DEFAULT, QUICK
+    from concur.sim.procs import ChildFailed
 
     scenario = QUICK if args.quick else DEFAULT
     if args.speed is not None:
@@ -108,14 +108,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run both halves of the demo and write the report; returns ``demo.json``'s data."""
     from concur.sim.demo.live import run_live
-    from concur.sim.demo.orchestrate import (
-        Supervisor,
-        free_port,
-        start_concur,
-        start_engine,
-    )
+    from concur.sim.demo.orchestrate import start_concur, start_engine
     from concur.sim.demo.report import print_table, write_json, write_plot
     from concur.sim.demo.scenario import live_settings, set_flags
+    from concur.sim.procs import Supervisor, free_port
     from concur.sim.trace import dump_trace, summarize
 
     started = time.monotonic()

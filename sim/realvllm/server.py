@@ -23,18 +23,17 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
+
+from concur.sim.procs import Child, ChildFailed, free_port, spawn, wait_http
 
 __all__ = [
     "BLOCK_SIZE",
@@ -51,7 +50,7 @@ BLOCK_SIZE = 128
 VLLM_VENV = ".venv-vllm"
 
 
-class VllmStartError(RuntimeError):
+class VllmStartError(ChildFailed):
     """The server could not be started (or the model made); the message says why."""
 
 
@@ -98,12 +97,6 @@ def make_model(python: str | None = None, timeout: float = 600.0) -> Path:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise VllmStartError(f"making the model with {exe} failed:\n{tail}")
     return Path(lines[-1])
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 _FOLLOW_PARENT = (
@@ -204,8 +197,7 @@ class VllmServer:
     log_path: Path | None = None
     """Where the server's output goes (default: a temporary file, named in errors)."""
     port: int = 0
-    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    child: Child | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -216,87 +208,37 @@ class VllmServer:
         """The OpenAI base URL (``.../v1``)."""
         return self.url + "/v1"
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.child is not None and self.child.alive()
 
     def start(self) -> Self:
         """Start the server and wait until ``/health`` answers 200 (blocking)."""
-        if self._proc is not None:
+        if self.child is not None:
             raise RuntimeError("this VllmServer was already started")
         cfg = self.config
         python = cfg.python or find_vllm_python()
-        self.port = cfg.port or _free_port(cfg.host)
+        self.port = cfg.port or free_port(cfg.host)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="concur-vllm-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (kept open while it runs)
-        argv = cfg.argv(python, self.port)
-        self._proc = subprocess.Popen(
-            [python, "-c", _FOLLOW_PARENT, str(os.getpid()), *argv],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=cfg.environment(),
-            start_new_session=True,
-        )
+        argv = [python, "-c", _FOLLOW_PARENT, str(os.getpid()), *cfg.argv(python, self.port)]
+        self.child = spawn("vLLM", argv, self.log_path, env=cfg.environment())
         atexit.register(self.stop)
-        deadline = time.monotonic() + cfg.startup_timeout
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                self.stop()
-                raise VllmStartError(
-                    f"vLLM exited with code {code} while starting:\n{self.log_tail()}\n"
-                    f"(whole log: {self.log_path})"
-                )
-            if self._healthy():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise VllmStartError(
-                    f"vLLM did not answer {self.url}/health within {cfg.startup_timeout:.0f} s:"
-                    f"\n{self.log_tail()}\n(whole log: {self.log_path})"
-                )
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2.0) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+            wait_http(self.child, self.url + "/health", timeout=cfg.startup_timeout, interval=0.5)
+        except ChildFailed as exc:
+            self.stop()
+            raise VllmStartError(str(exc)) from None
+        return self
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, grace: float = 30.0) -> int | None:
         """SIGTERM to the whole process group; SIGKILL to whatever of it (the engine
-        processes included) is still there after ``timeout``. Returns the exit code."""
-        proc = self._proc
-        if proc is None:
+        processes included) is left after ``grace`` seconds. Returns the exit code."""
+        if self.child is None:
             return None
         atexit.unregister(self.stop)
-        self._signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self._signal_group(0) and time.monotonic() < deadline:
-            proc.poll()  # reap the leader, so that the group can empty
-            time.sleep(0.1)
-        self._signal_group(signal.SIGKILL)
-        code = proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def _signal_group(self, sig: int) -> bool:
-        """Send ``sig`` to the server's process group; False if the group is gone."""
-        assert self._proc is not None
-        try:
-            os.killpg(self._proc.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        return self.child.stop(grace)
 
     def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (``POST /reset_prefix_cache``); False if refused.
@@ -312,13 +254,10 @@ class VllmServer:
             return False
 
     def log_tail(self, lines: int = 25) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "(not started)" if self.child is None else self.child.log_tail(lines)
 
     def __enter__(self) -> Self:
-        return self if self._proc is not None else self.start()
+        return self if self.child is not None else self.start()
 
     def __exit__(
         self,

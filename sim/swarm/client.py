@@ -102,6 +102,12 @@ class SwarmOptions:
     """Sent as ``Authorization: Bearer``; for engines started with an API key."""
     agent_header: str = AGENT_HEADER
     done_header: str = DONE_HEADER
+    agent_field: str | None = None
+    """Also name the agent in each request body under this key (ThunderAgent reads
+    ``program_id``); ``None``: headers only."""
+    release_path: str | None = None
+    """When an agent ends, ``POST {agent_field: id}`` to this path of the server (outside
+    ``/v1``; ThunderAgent frees a program on ``/programs/release``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
@@ -116,6 +122,13 @@ class SwarmOptions:
             raise ValueError(f"--retries must be >= 0, got {self.max_retries}")
         if self.backoff_s < 0 or self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("backoff must be >= 0 and timeouts > 0 seconds")
+        if self.release_path is not None and self.agent_field is None:
+            raise ValueError("release_path needs agent_field: the field that names the agent")
+
+    @property
+    def server_url(self) -> str:
+        """The server's root URL: the base URL without its ``/v1``."""
+        return self.base_url.removesuffix("/v1")
 
 
 class RequestFailed(Exception):
@@ -358,11 +371,24 @@ class _Swarm:
             res.errors["client_bug"] = res.errors.get("client_bug", 0) + 1
         finally:
             res.end_s = self.now_wall() * self.opt.speed
+            await self._release(agent.agent_id)
             if res.finished:
                 res.completion_s = res.end_s - agent.arrival_s
             self.ended += 1
             if self.progress is not None:
                 self.progress(self.ended, len(self.results))
+
+    async def _release(self, agent_id: str) -> None:
+        """Tell a server that tracks agents by a body field that this one is over."""
+        opt = self.opt
+        if opt.release_path is None or opt.agent_field is None:
+            return
+        try:
+            await self.client.post(
+                opt.server_url + opt.release_path, json={opt.agent_field: agent_id}
+            )
+        except httpx.HTTPError:
+            self.errors["release"] += 1
 
     async def _steps(self, agent: AgentTrace, res: AgentResult) -> None:
         messages: list[dict[str, str]] = []
@@ -377,6 +403,8 @@ class _Swarm:
                 "ignore_eos": True,
                 "temperature": 0.0,
             }
+            if self.opt.agent_field is not None:
+                body[self.opt.agent_field] = agent.agent_id
             if self.opt.stream:
                 body["stream"] = True
                 body["stream_options"] = {"include_usage": True}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from concur.sim.demo.orchestrate import ChildFailed, Supervisor, wait_http
+from concur.sim.procs import ChildFailed, Supervisor, wait_http
 
 DEMO = [sys.executable, "-m", "concur", "demo"]
 SLEEPER = "import time; time.sleep(120)"

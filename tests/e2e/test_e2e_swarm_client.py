@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from concur.sim.demo.orchestrate import free_port
 from concur.sim.generate import generate
+from concur.sim.procs import free_port
 from concur.sim.server.tokenizer import count_tokens
 from concur.sim.swarm.client import AGENT_HEADER, DONE_HEADER, SwarmOptions, run_swarm
 from concur.sim.trace import Trace
@@ -31,6 +31,11 @@ class Recorder:
     attempts: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     fault: Fault | None = None
     truncate_once: set[str] = field(default_factory=set)
+    released: list[dict[str, Any]] = field(default_factory=list)
+
+    async def release(self, request: web.Request) -> web.Response:
+        self.released.append(await request.json())
+        return web.json_response({"released": True})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model"}]})
@@ -89,6 +94,7 @@ async def recorder() -> AsyncIterator[Recorder]:
     app = web.Application()
     app.router.add_get("/v1/models", rec.models)
     app.router.add_post("/v1/chat/completions", rec.chat)
+    app.router.add_post("/programs/release", rec.release)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -152,6 +158,25 @@ async def test_agents_send_their_growing_context(recorder: Recorder, stream: boo
                 )
                 assert len(msgs) == len(before) + 2
     assert len(systems) == 1  # one shared system prompt, the same text for every agent
+
+
+async def test_a_body_field_names_the_agent_and_its_end_is_posted(recorder: Recorder) -> None:
+    # How ThunderAgent tracks programs: program_id in every body, a release at the end.
+    trace = small_trace(3)
+    opts = options(recorder.url, agent_field="program_id", release_path="/programs/release")
+    result = await run_swarm(trace, opts)
+    assert result.summary.finished_agents == 3
+    for headers, body in recorder.requests:
+        assert body["program_id"] == headers[AGENT_HEADER]
+    assert sorted(r["program_id"] for r in recorder.released) == sorted(
+        a.agent_id for a in trace.agents
+    )
+    # Without the field, nothing extra is sent.
+    recorder.requests.clear()
+    await run_swarm(trace, options(recorder.url))
+    assert all("program_id" not in body for _, body in recorder.requests)
+    with pytest.raises(ValueError, match="release_path needs agent_field"):
+        SwarmOptions("http://h:1", release_path="/programs/release")
 
 
 async def test_failures_are_retried_counted_and_reported(recorder: Recorder) -> None:

@@ -127,3 +127,30 @@ def test_bad_overrides_are_explained(overrides: dict[str, object], detail: str) 
     with pytest.raises(GenerateError) as info:
         generate("swe-swarm", seed=1, **overrides)
     assert detail in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "agents", "outputs", "median_tool"),
+    [("tool-bound", 16, (60, 120), 1.0), ("engine-bound", 16, (200, 400), 0.45)],
+)
+def test_the_real_engine_regimes_outgrow_a_32k_cache(
+    shape: str, agents: int, outputs: tuple[int, int], median_tool: float
+) -> None:
+    trace = generate(shape, 0)
+    assert len(trace.agents) == agents
+    assert all(a.arrival_s == 0.0 for a in trace.agents)
+    finals = [sum(s.input_tokens + s.output_tokens for s in a.steps) for a in trace.agents]
+    # each agent's final context is about 25-45% of a 32,768-token cache
+    assert 0.2 * 32768 < min(finals) and max(finals) < 0.45 * 32768
+    steps = [s for a in trace.agents for s in a.steps]
+    assert all(outputs[0] <= s.output_tokens <= outputs[1] for s in steps)
+    tools = sorted(s.tool_latency_s for a in trace.agents for s in a.steps[:-1])
+    assert tools[len(tools) // 2] == pytest.approx(median_tool, rel=0.25)
+
+
+def test_the_staggered_regime_arrives_over_40_s_with_mixed_lengths() -> None:
+    trace = generate("staggered", 0)
+    arrivals = [a.arrival_s for a in trace.agents]
+    assert len(arrivals) == 24 and arrivals == sorted(arrivals) and max(arrivals) <= 40.0
+    lengths = {len(a.steps) for a in trace.agents}
+    assert min(lengths) <= 5 and max(lengths) >= 13

@@ -114,6 +114,22 @@ def test_chunked_prefill_respects_token_budget() -> None:
     assert b4.decode_tokens == 2
 
 
+def test_a_batch_counts_the_attention_of_its_prefill_chunks() -> None:
+    s = Scheduler(num_blocks=100, max_num_batched_tokens=100)
+    s.add_request(req("A", 250, 2), 0.0)
+    s.add_request(req("B", 30, 2), 0.0)
+    b1, b2, b3 = step(s, 0), step(s, 1), step(s, 2)
+    # A chunk of n tokens after c computed ones: n x c query-key pairs with the
+    # earlier tokens, n (n + 1) / 2 among its own tokens.
+    assert (b1.prefill_pairs, b1.prefill_context) == (100 * 101 // 2, 100)
+    assert (b2.prefill_pairs, b2.prefill_context) == (100 * 100 + 100 * 101 // 2, 200)
+    assert b3.prefill_pairs == (50 * 200 + 50 * 51 // 2) + 30 * 31 // 2
+    assert b3.prefill_context == 250 + 30 == b3.context_tokens
+    b4 = step(s, 3)  # decode only: no prefill attention, the context is all decode reads
+    assert (b4.prefill_pairs, b4.prefill_context) == (0, 0)
+    assert b4.context_tokens == 251 + 31
+
+
 def test_running_requests_are_served_before_waiting_ones() -> None:
     s = Scheduler(num_blocks=100, max_num_batched_tokens=64)
     s.add_request(req("A", 200, 2), 0.0)

@@ -7,6 +7,7 @@ import pytest
 from concur.sim.steptime import (
     GIB,
     MIB,
+    MeasuredStepTime,
     ModelSpec,
     StepTimeModel,
     build_step_time,
@@ -100,3 +101,24 @@ def test_custom_model_spec_passes_through() -> None:
     assert get_model(tiny) is tiny
     m = build_step_time(tiny, "a100", overhead_s=0.0)
     assert m.duration(1, 0) == pytest.approx(max(2e6 / (2.04e12 * 0.8), 2e6 / (312e12 * 0.5)))
+
+
+def test_measured_step_time_adds_its_costs() -> None:
+    m = MeasuredStepTime(
+        base_s=0.002, per_token_s=1e-5, per_seq_s=1e-4, per_pair_s=1e-8, per_kv_s=1e-7
+    )
+    # A pure decode step of 4 sequences over 8,000 tokens of context.
+    assert m.duration(4, 8000) == pytest.approx(0.002 + 4e-5 + 4e-4 + 8e-4)
+    # A prefill chunk of 2,048 tokens after 4,096 computed ones, beside 2 decoding
+    # sequences over 1,000 tokens: pairs are the chunk's, the KV read the decodes'.
+    pairs = 2048 * 4096 + 2048 * 2049 // 2
+    got = m.duration(2050, 4096 + 2048 + 1000, pairs, 4096 + 2048, 3)
+    assert got == pytest.approx(0.002 + 2050e-5 + 3e-4 + pairs * 1e-8 + 1000e-7)
+    assert m.duration(0, 0) == 0.0
+    with pytest.raises(ValueError, match="per_pair_s must be >= 0"):
+        MeasuredStepTime(base_s=0, per_token_s=0, per_seq_s=0, per_pair_s=-1, per_kv_s=0)
+
+
+def test_the_roofline_ignores_what_only_a_measured_model_reads() -> None:
+    m = build_step_time("llama-3-8b", "h100")
+    assert m.duration(2048, 6144, 10**9, 6144, 1) == m.duration(2048, 6144)

@@ -1,0 +1,592 @@
+"""Admission policies side by side in front of a real vLLM server (its CPU build).
+
+    .venv-vllm/bin/python bench/real_engine.py [--regime tool-bound ...] [--policy SPEC ...]
+        [--repeats 3] [--thunderagent PATH] [--restart] [--out out/real-engine]
+
+One real vLLM 0.32 server (``concur.sim.realvllm``: the tiny model made on this
+machine, a KV cache of ``--kv-blocks`` x 128 tokens, 32,768 by default) serves
+every run. Each run replays one regime's trace (``concur.sim.generate``:
+``tool-bound``, ``engine-bound``, ``staggered``) with ``concur swarm``'s client at
+speed 1 through one front:
+
+* ``none``: straight to vLLM (no control);
+* a concur policy spec (``aimd``, ``static:4``, ...): ``concur serve --policy SPEC``
+  with its defaults otherwise, started for the run;
+* ``thunderagent``: ThunderAgent (``--thunderagent PATH``, a checkout of its public
+  repository, installed into its own venv on first use) with ``--router tr --metrics
+  --backend-type vllm``; the swarm adds ``program_id`` to each body and releases the
+  program when the agent ends.
+
+Cold engine per run: before each run vLLM's prefix cache is emptied with
+``POST /reset_prefix_cache`` (dev mode), which frees every cached block; nothing
+else of a finished run stays in the engine (no request is left running, counters
+are read as differences). ``--restart`` restarts the server instead (35-60 s more
+per run). Runs go round-robin over the policies, repeat after repeat, so that each
+policy sees the machine in the same states.
+
+Per run: makespan, output tokens/s, vLLM's prefix hit rate and preemptions (its
+``/metrics`` counters before and after), mean and p99 agent completion time, and
+for concur the window over time, its window changes per minute and the most
+pauses any one agent took (from concur's JSON log). Writes ``runs.json``,
+``summary.md`` and ``window-<regime>.png`` under ``--out``; prints the table and
+the control-law targets (medians over repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _proc import loadavg, machine, pin_away_from_the_model
+
+from concur.adapters.signal import EngineSignal
+from concur.adapters.vllm import parse as parse_vllm
+from concur.sim.generate import generate
+from concur.sim.procs import Child, Supervisor, free_port, wait_http
+from concur.sim.realvllm import VllmServer, VllmServerConfig, make_model
+from concur.sim.swarm.client import SwarmOptions, run_swarm
+from concur.sim.trace import Trace
+
+REGIMES = ("tool-bound", "engine-bound", "staggered")
+DEFAULT_POLICIES = ("none", "static:2", "static:4", "static:6", "static:8", "aimd")
+SAMPLE_S = 0.5
+
+
+@dataclass
+class Run:
+    """One replay through one front."""
+
+    regime: str
+    policy: str
+    repeat: int
+    makespan_s: float = math.nan
+    output_tok_per_s: float = math.nan
+    hit_rate: float = math.nan
+    preemptions: float = math.nan
+    mean_completion_s: float = math.nan
+    p99_completion_s: float = math.nan
+    finished: int = 0
+    agents: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    window_changes: int | None = None
+    window_changes_per_min: float | None = None
+    max_pauses_per_agent: int | None = None
+    pauses: int | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """``{t, window, live, paused, queued}`` every 0.5 s (concur and ThunderAgent)."""
+    wall_s: float = 0.0
+
+
+# ---------------------------------------------------------------- engine metrics
+
+
+def scrape(server: VllmServer) -> EngineSignal:
+    with httpx.Client(trust_env=False, timeout=10.0) as http:
+        return parse_vllm(http.get(server.url + "/metrics").text, time.monotonic())
+
+
+def _delta(after: float | None, before: float | None) -> float:
+    return math.nan if after is None or before is None else after - before
+
+
+# ---------------------------------------------------------------------- fronts
+
+
+def thunderagent_python(checkout: Path, venv: Path) -> str:
+    """A venv with ThunderAgent installed from ``checkout`` (made on first use)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"installing ThunderAgent from {checkout} into {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "-e", str(checkout)], check=True
+        )
+    return str(python)
+
+
+class Fronts:
+    """Starts the front of a run in front of ``upstream`` and stops it afterwards."""
+
+    def __init__(self, sup: Supervisor, upstream: str, ta_python: str | None) -> None:
+        self.sup = sup
+        self.upstream = upstream
+        self.ta_python = ta_python
+
+    def start(self, policy: str, name: str) -> tuple[Child | None, str]:
+        if policy == "none":
+            return None, self.upstream
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        if policy == "thunderagent":
+            if self.ta_python is None:
+                raise SystemExit("policy 'thunderagent' needs --thunderagent PATH")
+            argv = [
+                self.ta_python,
+                "-m",
+                "ThunderAgent",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backends",
+                self.upstream,
+                "--router",
+                "tr",
+                "--metrics",
+                "--backend-type",
+                "vllm",
+                "--log-level",
+                "warning",
+            ]
+            child = self.sup.start(name, argv)
+            wait_http(child, url + "/health", timeout=60.0)
+            return child, url
+        argv = [
+            sys.executable,
+            "-m",
+            "concur",
+            "serve",
+            "--upstream",
+            self.upstream,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--policy",
+            policy,
+            "--log-format",
+            "json",
+        ]
+        child = self.sup.start(name, argv)
+        wait_http(child, url + "/readyz", timeout=60.0)
+        return child, url
+
+
+async def sample(policy: str, url: str, out: list[dict[str, Any]], t0: float) -> None:
+    """Poll the front's state every :data:`SAMPLE_S` seconds until cancelled."""
+    async with httpx.AsyncClient(trust_env=False, timeout=2.0) as http:
+        while True:
+            try:
+                if policy == "thunderagent":
+                    h = (await http.get(url + "/health")).json()
+                    row = {
+                        "window": None,
+                        "live": h["reasoning_count"] + h["acting_count"],
+                        "paused": h["paused_count"],
+                        "queued": 0,
+                    }
+                else:
+                    s = (await http.get(url + "/concur/status")).json()
+                    row = {k: s[k] for k in ("window", "live", "paused", "queued")}
+                out.append({"t": round(time.monotonic() - t0, 2), **row})
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            await asyncio.sleep(SAMPLE_S)
+
+
+def read_concur_log(path: Path, t0_wall: float) -> tuple[list[tuple[float, int | None]], Counter]:
+    """Window changes (seconds from ``t0_wall``, new window) and pauses per agent."""
+    changes: list[tuple[float, int | None]] = []
+    pauses: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        ts = datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        t = ts.timestamp() - t0_wall
+        if rec.get("event") == "window":
+            changes.append((t, rec.get("after")))
+        elif rec.get("event") == "admission" and rec.get("outcome") == "paused":
+            pauses[rec["agent"]] += 1
+    return changes, pauses
+
+
+# ------------------------------------------------------------------------ runs
+
+
+def one_run(
+    server: VllmServer, fronts: Fronts, trace: Trace, regime: str, policy: str, repeat: int
+) -> Run:
+    run = Run(regime, policy, repeat, agents=len(trace.agents))
+    if not server.reset_prefix_cache():
+        raise SystemExit("vLLM refused /reset_prefix_cache (requests still running?)")
+    before = scrape(server)
+    name = f"{regime}-{policy.replace(':', '_')}-{repeat}"
+    child, url = fronts.start(policy, name)
+    thunder = policy == "thunderagent"
+    options = SwarmOptions(
+        base_url=url + "/v1",
+        model=server.config.served_model_name,
+        read_timeout_s=1800.0,
+        agent_field="program_id" if thunder else None,
+        release_path="/programs/release" if thunder else None,
+    )
+    t0, t0_wall = time.monotonic(), time.time()
+
+    async def go() -> Any:
+        sampler = None
+        if child is not None:
+            sampler = asyncio.create_task(sample(policy, url, run.samples, t0))
+        try:
+            return await run_swarm(trace, options)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+
+    result = asyncio.run(go())
+    run.wall_s = time.monotonic() - t0
+    if child is not None:
+        fronts.sup.stop(child)
+        if not thunder:
+            changes, pauses = read_concur_log(child.log_path, t0_wall)
+            run.window_changes = len(changes)
+            run.pauses = sum(pauses.values())
+            run.max_pauses_per_agent = max(pauses.values(), default=0)
+    after = scrape(server)
+    s = result.summary
+    run.makespan_s = s.makespan_s
+    run.output_tok_per_s = s.output_tok_per_s
+    run.mean_completion_s = s.mean_completion_s
+    run.p99_completion_s = s.p99_completion_s
+    run.finished = s.finished_agents
+    run.errors = dict(s.errors)
+    queries = _delta(after.prefix_queries_total, before.prefix_queries_total)
+    hits = _delta(after.prefix_hits_total, before.prefix_hits_total)
+    run.hit_rate = hits / queries if queries else math.nan
+    run.preemptions = _delta(after.preemptions_total, before.preemptions_total)
+    if run.window_changes is not None and run.makespan_s > 0:
+        run.window_changes_per_min = run.window_changes / (run.makespan_s / 60.0)
+    return run
+
+
+# --------------------------------------------------------------------- report
+
+
+def med(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def summarize(runs: list[Run], regime: str, policies: list[str]) -> list[str]:
+    rows = [r for r in runs if r.regime == regime]
+    base = med([r.makespan_s for r in rows if r.policy == "none"])
+    lines = [
+        f"**{regime}**",
+        "",
+        "| policy | makespan s (median; runs) | vs no control | output tok/s | hit rate "
+        "| preemptions | mean / p99 agent s | window changes/min | max pauses/agent |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for policy in policies:
+        mine = [r for r in rows if r.policy == policy]
+        if not mine:
+            continue
+        ms = med([r.makespan_s for r in mine])
+        each = ", ".join(f"{r.makespan_s:.1f}" for r in mine)
+        failed = sum(r.agents - r.finished for r in mine)
+        wc = [r.window_changes_per_min for r in mine if r.window_changes_per_min is not None]
+        mp = [r.max_pauses_per_agent for r in mine if r.max_pauses_per_agent is not None]
+        lines.append(
+            f"| {policy} | **{ms:.1f}** ({each}){f' {failed} agents failed' if failed else ''} "
+            f"| {base / ms:.2f}x | {med([r.output_tok_per_s for r in mine]):.0f} "
+            f"| {100 * med([r.hit_rate for r in mine]):.0f}% "
+            f"| {med([r.preemptions for r in mine]):.0f} "
+            f"| {med([r.mean_completion_s for r in mine]):.1f} / "
+            f"{med([r.p99_completion_s for r in mine]):.1f} "
+            f"| {f'{med(wc):.1f}' if wc else '-'} | {max(mp) if mp else '-'} |"
+        )
+    return [*lines, ""]
+
+
+def targets(runs: list[Run], regime: str, default: str = "aimd") -> list[str]:
+    """The control law's goal for one regime, as PASS/MISS lines."""
+    rows = [r for r in runs if r.regime == regime]
+
+    def m(policy: str) -> float:
+        return med([r.makespan_s for r in rows if r.policy == policy])
+
+    caps = {r.policy for r in rows if r.policy.startswith("static:")}
+    out = []
+    d, none = m(default), m("none")
+    if math.isnan(d) or math.isnan(none):
+        return out
+    out.append(
+        _line(
+            d / none <= 1.02,
+            f"{regime}: {default} {d:.1f} s vs no control {none:.1f} s = {d / none:.3f}x (<= 1.02)",
+        )
+    )
+    if caps:
+        best = min(caps, key=m)
+        b = m(best)
+        out.append(
+            _line(
+                d / b <= 1.03,
+                f"{regime}: {default} vs best fixed cap {best} {b:.1f} s = {d / b:.3f}x (<= 1.03)",
+            )
+        )
+        if none / b >= 1.2:
+            out.append(
+                _line(
+                    none / d >= 1.2,
+                    f"{regime}: caps beat no control by "
+                    f"{none / b:.2f}x; {default} by {none / d:.2f}x (>= 1.2)",
+                )
+            )
+    ta = [r for r in rows if r.policy == "thunderagent"]
+    mine = [r for r in rows if r.policy == default]
+    if ta and mine:
+        worst = max(r.makespan_s for r in mine)
+        best_ta = min(r.makespan_s for r in ta)
+        out.append(
+            _line(
+                worst < best_ta,
+                f"{regime}: {default}'s slowest run {worst:.1f} s vs "
+                f"ThunderAgent's fastest {best_ta:.1f} s (every run faster)",
+            )
+        )
+    return out
+
+
+def simulate(regimes: list[str], policies: list[str], seed: int, jobs: int | None) -> dict:
+    """``concur sim`` with the measured preset on the same traces: {(regime, policy): Summary}."""
+    from concur.sim.batch import Job, run_jobs
+    from concur.sim.engine_config import EngineSpec
+
+    engine = EngineSpec.from_preset("cpu-tiny")
+    todo = []
+    for regime in regimes:
+        trace = generate(regime, seed)
+        for policy in policies:
+            if policy == "thunderagent":
+                continue
+            spec = "unlimited" if policy == "none" else policy
+            todo.append(Job(label=f"{regime}|{policy}", spec=spec, trace=trace, engine=engine))
+    results = run_jobs(todo, workers=jobs)
+    return {tuple(j.label.split("|")): r.summary for j, r in zip(todo, results, strict=True)}
+
+
+def fidelity(runs: list[Run], sims: dict, regime: str, policies: list[str]) -> list[str]:
+    """Simulated vs real makespans of one regime, and whether both rank the policies alike."""
+    real = {
+        p: med([r.makespan_s for r in runs if r.regime == regime and r.policy == p])
+        for p in policies
+        if (regime, p) in sims
+    }
+    real = {p: v for p, v in real.items() if not math.isnan(v)}
+    if not real:
+        return []
+    lines = [
+        f"**{regime}**: simulated (preset cpu-tiny) vs real",
+        "",
+        "| policy | real s | simulated s | ratio | real hits | sim hits |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    worst = 0.0
+    for p, v in real.items():
+        sim = sims[(regime, p)]
+        ratio = sim.makespan_s / v
+        worst = max(worst, abs(ratio - 1.0))
+        hits = med([r.hit_rate for r in runs if r.regime == regime and r.policy == p])
+        lines.append(
+            f"| {p} | {v:.1f} | {sim.makespan_s:.1f} | {ratio:.3f} | {100 * hits:.0f}% "
+            f"| {100 * sim.prefix_hit_rate:.0f}% |"
+        )
+    by_real = sorted(real, key=real.__getitem__)
+    by_sim = sorted(real, key=lambda p: sims[(regime, p)].makespan_s)
+    swaps = [
+        f"{a}/{b} (real {real[a]:.1f} vs {real[b]:.1f} s)"
+        for i, a in enumerate(by_real)
+        for b in by_real[i + 1 :]
+        if by_sim.index(a) > by_sim.index(b)
+    ]
+    lines += [
+        "",
+        _line(worst <= 0.15, f"{regime}: every policy within {100 * worst:.1f}% (<= 15%)"),
+        _line(
+            not swaps,
+            f"{regime}: same ranking" + (f"; swapped: {', '.join(swaps)}" if swaps else ""),
+        ),
+        "",
+    ]
+    return lines
+
+
+def _line(ok: bool, text: str) -> str:
+    return f"[{'PASS' if ok else 'MISS'}] {text}"
+
+
+def plot(runs: list[Run], regime: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in runs if r.regime == regime and r.samples]
+    policies = sorted({r.policy for r in rows})
+    if not policies:
+        return
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    for i, policy in enumerate(policies):
+        mine = sorted((r for r in rows if r.policy == policy), key=lambda r: r.makespan_s)
+        r = mine[len(mine) // 2]  # the median run
+        t = [s["t"] for s in r.samples]
+        color = f"C{i}"
+        win = [s["window"] for s in r.samples]
+        if any(w is not None for w in win):
+            axes[0].step(
+                t,
+                [math.nan if w is None else w for w in win],
+                where="post",
+                color=color,
+                label=f"{policy} ({r.makespan_s:.0f} s)",
+            )
+        axes[1].plot(t, [s["live"] for s in r.samples], color=color, label=policy)
+        axes[2].plot(t, [s["paused"] + s["queued"] for s in r.samples], color=color)
+    axes[0].set_ylabel("window")
+    axes[1].set_ylabel("live agents")
+    axes[2].set_ylabel("paused + queued")
+    axes[2].set_xlabel("seconds")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{regime}: concur's window and agents over time (median run of each)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def measure(
+    args: argparse.Namespace, regimes: list[str], policies: list[str], ta_python: str | None
+) -> list[Run]:
+    """Every run, in round-robin order, against one vLLM server."""
+    print(
+        f"real_engine: {platform.node()}, {machine()}, regimes {', '.join(regimes)}, "
+        f"policies {', '.join(policies)}, {args.repeats} repeats, load {loadavg()}",
+        flush=True,
+    )
+    config = VllmServerConfig(model=make_model(), kv_blocks=args.kv_blocks)
+    runs: list[Run] = []
+    server = VllmServer(config, log_path=args.out / "vllm.log")
+    with Supervisor(args.out / "logs") as sup:
+        server.start()
+        print(f"  {pin_away_from_the_model(server.child.pid)}", flush=True)
+        fronts = Fronts(sup, server.url, ta_python)
+        try:
+            for regime in regimes:
+                trace = generate(regime, args.seed)
+                for k in range(args.repeats):
+                    order = policies[k % len(policies) :] + policies[: k % len(policies)]
+                    for policy in order:
+                        if args.restart and runs:
+                            server.stop()
+                            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+                            server = VllmServer(config, log_path=args.out / "vllm.log")
+                            server.start()
+                            pin_away_from_the_model(server.child.pid)
+                            fronts.upstream = server.url
+                        run = one_run(server, fronts, trace, regime, policy, k)
+                        runs.append(run)
+                        print(
+                            f"  {regime:<13} {policy:<14} #{k}  makespan {run.makespan_s:7.1f} s"
+                            f"  hits {100 * run.hit_rate:5.1f}%  preempt {run.preemptions:4.0f}"
+                            f"  finished {run.finished}/{run.agents}"
+                            + (
+                                f"  window changes {run.window_changes}"
+                                if run.window_changes is not None
+                                else ""
+                            )
+                            + (
+                                f"  max pauses {run.max_pauses_per_agent}"
+                                if run.max_pauses_per_agent is not None
+                                else ""
+                            ),
+                            flush=True,
+                        )
+                        (args.out / "runs.json").write_text(
+                            json.dumps([asdict(r) for r in runs], indent=1)
+                        )
+        finally:
+            server.stop()
+    return runs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regime", action="append", choices=REGIMES, help="default: all three")
+    ap.add_argument("--policy", action="append", help=f"default: {' '.join(DEFAULT_POLICIES)}")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-blocks", type=int, default=256, help="KV cache in 128-token blocks")
+    ap.add_argument("--thunderagent", type=Path, default=None, help="ThunderAgent checkout")
+    ap.add_argument("--restart", action="store_true", help="restart vLLM before every run")
+    ap.add_argument("--out", type=Path, default=Path("out/real-engine"))
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="RUNS_JSON",
+        help="no runs: report (and simulate) from a runs.json an earlier run wrote",
+    )
+    ap.add_argument("--jobs", type=int, default=None, help="processes for the simulations")
+    args = ap.parse_args()
+    regimes = args.regime or list(REGIMES)
+    policies = args.policy or list(DEFAULT_POLICIES)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report is not None:
+        runs = [Run(**r) for r in json.loads(args.report.read_text())]
+        regimes = [g for g in regimes if any(r.regime == g for r in runs)]
+        policies = list(dict.fromkeys(r.policy for r in runs))
+        started = datetime.fromtimestamp(args.report.stat().st_mtime, UTC)
+        repeats = max((r.repeat + 1 for r in runs), default=0)
+    else:
+        if args.thunderagent is not None and "thunderagent" not in policies:
+            policies.append("thunderagent")
+        ta_python = None
+        if "thunderagent" in policies:
+            if args.thunderagent is None:
+                ap.error("policy thunderagent needs --thunderagent PATH (a checkout)")
+            ta_python = thunderagent_python(args.thunderagent, args.out / ".venv-thunderagent")
+        started = datetime.now(UTC)
+        runs = measure(args, regimes, policies, ta_python)
+        repeats = args.repeats
+    lines = [
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()} ({platform.node()}), "
+        f"vLLM 0.32.0 CPU build, KV cache {args.kv_blocks * 128:,} tokens, "
+        f"{repeats} repeats, load at the end {loadavg()}.",
+        "",
+    ]
+    verdicts: list[str] = []
+    for regime in regimes:
+        lines += summarize(runs, regime, policies)
+        verdicts += targets(runs, regime)
+        plot(runs, regime, args.out / f"window-{regime}.png")
+    lines += ["```", *verdicts, "```", ""]
+    sims = simulate(regimes, policies, args.seed, args.jobs)
+    for regime in regimes:
+        lines += fidelity(runs, sims, regime, policies)
+    text = "\n".join(lines)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
