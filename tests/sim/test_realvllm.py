@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_the_config_sizes_the_cache_in_blocks_and_leaves_one_free() -> None:
     assert cfg.model_len == 63 * BLOCK_SIZE
     argv = cfg.argv("/py", 8123)
     assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
-    pairs = dict(zip(argv[3::1], argv[4::1], strict=False))
+    pairs = dict(itertools.pairwise(argv[3:]))
     assert pairs["--num-gpu-blocks-override"] == "64"
     assert pairs["--max-model-len"] == "8064"
     assert pairs["--max-num-batched-tokens"] == "2048" and pairs["--port"] == "8123"
