@@ -93,6 +93,8 @@ class Agent:
     ending: bool = False
     last_usage: int | None = None
     """Context size reported by the agent's previous response (for growth per step)."""
+    last_done: float | None = None
+    """When its last request finished, until its next one comes (its tool call's start)."""
     admitted_at: float | None = None
     pending: list[Ticket] = field(default_factory=list)
     """Its requests waiting at the gate, oldest first (a list: rarely more than one, and
@@ -145,6 +147,27 @@ class GateEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Pace:
+    """Cumulative timing of the agents' requests; policies read differences between ticks.
+
+    What it takes to weigh the engine's idle time against the agents' tool calls: how
+    long the engine had at least one request of theirs, how long requests took, and
+    how long agents spent between a response and their next request.
+    """
+
+    busy_s: float = 0.0
+    """Time with at least one granted request in flight (the engine had work)."""
+    requests: int = 0
+    """Granted requests that ended (finished or given up)."""
+    latency_s: float = 0.0
+    """Sum of those requests' times from grant to end."""
+    tools: int = 0
+    """Returns from a tool call: an admitted agent's request after its previous response."""
+    tool_s: float = 0.0
+    """Sum of those pauses."""
+
+
+@dataclass(frozen=True, slots=True)
 class GateView:
     """A consistent snapshot of the gate, for policies and status pages."""
 
@@ -155,8 +178,10 @@ class GateView:
     held: int
     live_tokens: int
     growth_tokens: float
+    step_growth_tokens: float
     live_contexts_newest_first: tuple[int, ...]
     candidate_contexts: tuple[int, ...]
+    pace: Pace = Pace()
 
     @property
     def active(self) -> int:
@@ -194,6 +219,15 @@ class AdmissionGate:
         self._live = 0
         self._paused = 0
         self._closed = False
+        # Pace (see Pace): granted requests in flight now, since when the engine has had
+        # one, and the running sums.
+        self._granted_now = 0
+        self._busy_from = 0.0
+        self._busy_s = 0.0
+        self._ended_requests = 0
+        self._latency_s = 0.0
+        self._tools = 0
+        self._tool_s = 0.0
         # Whether any agent ever came with a priority other than 0. Until one does the
         # queue is plain FIFO, and picking the next agent must not scan it (O(n) per
         # admission made admitting hundreds from a queue of thousands take 0.2 s).
@@ -259,9 +293,18 @@ class AdmissionGate:
             held=len(self._held),
             live_tokens=sum(live_ctx),
             growth_tokens=growth,
+            step_growth_tokens=per_step,
             live_contexts_newest_first=tuple(live_ctx),
             candidate_contexts=tuple(candidates),
+            pace=self.pace(),
         )
+
+    def pace(self) -> Pace:
+        """The request timing so far (the busy period in progress included)."""
+        busy = self._busy_s
+        if self._granted_now:
+            busy += self._clock() - self._busy_from
+        return Pace(busy, self._ended_requests, self._latency_s, self._tools, self._tool_s)
 
     # ------------------------------------------------------------- requests
 
@@ -293,6 +336,10 @@ class AdmissionGate:
         agent = self._admitted.get(agent_id)
         if agent is not None:
             agent.last_seen = now
+            if agent.last_done is not None:  # back from its tool call
+                self._tools += 1
+                self._tool_s += now - agent.last_done
+                agent.last_done = None
             agent.context_tokens = max(agent.context_tokens, context_tokens)
             if agent.state is AgentState.PAUSED:
                 agent.pending.append(ticket)
@@ -336,13 +383,16 @@ class AdmissionGate:
         if ticket.status is not TicketStatus.GRANTED:
             return
         ticket.status = TicketStatus.DONE
+        now = self._clock()
+        self._ungrant(ticket, now)
         agent = self._counted_in(ticket)
         if agent is None:
             return
-        now = self._clock()
         agent.in_flight -= 1
         agent.requests += 1
         agent.last_seen = now
+        if agent.in_flight == 0:
+            agent.last_done = now
         if ticket.usage_tokens is not None:
             if agent.last_usage is not None:
                 self.growth.observe_step(ticket.usage_tokens - agent.last_usage, agent.requests)
@@ -367,6 +417,7 @@ class AdmissionGate:
         now = self._clock()
         if ticket.status is TicketStatus.GRANTED:
             ticket.status = TicketStatus.CANCELLED
+            self._ungrant(ticket, now)
             agent = self._counted_in(ticket)
             if agent is not None:
                 agent.in_flight -= 1
@@ -666,8 +717,20 @@ class AdmissionGate:
     def _grant(self, ticket: Ticket, now: float) -> None:
         ticket.status = TicketStatus.GRANTED
         ticket.granted_at = now
+        if not self._granted_now:
+            self._busy_from = now
+        self._granted_now += 1
         if ticket.on_resolve is not None:
             ticket.on_resolve(ticket)
+
+    def _ungrant(self, ticket: Ticket, now: float) -> None:
+        """A granted request ended (``ticket.granted_at`` is set): account its time."""
+        self._granted_now -= 1
+        if not self._granted_now:
+            self._busy_s += now - self._busy_from
+        self._ended_requests += 1
+        assert ticket.granted_at is not None
+        self._latency_s += now - ticket.granted_at
 
     def _reject(self, ticket: Ticket, error: AdmissionError) -> None:
         ticket.status = TicketStatus.REJECTED

@@ -25,7 +25,7 @@ from typing import Literal
 
 from concur.adapters.rates import Rates, derive
 from concur.adapters.signal import EngineSignal
-from concur.admission import AdmissionGate, GateView
+from concur.admission import AdmissionGate, GateView, Pace
 from concur.policies.base import Decision, Observation, Policy, Resumable
 
 FailureMode = Literal["hold", "closed", "open"]
@@ -61,6 +61,7 @@ class Controller:
         self._prev: EngineSignal | None = None
         self._rates = Rates(hit_rate=None, new_preemptions=None, reset=False)
         self._capacity: int | None = None
+        self._pace: tuple[float, Pace] | None = None
         gate.window = policy.initial_window()
 
     def set_policy(self, policy: Policy) -> None:
@@ -88,6 +89,12 @@ class Controller:
             if usable.kv_capacity_tokens is not None:
                 self._capacity = usable.kv_capacity_tokens
         view: GateView = self.gate.view()
+        pace = view.pace
+        then, last = self._pace or (now, pace)  # the first tick has no interval behind it
+        self._pace = (now, pace)
+        span = now - then
+        ended = pace.requests - last.requests
+        tools = pace.tools - last.tools
         return Observation(
             now=now,
             window=view.window,
@@ -102,9 +109,15 @@ class Controller:
             capacity_tokens=self._capacity,
             live_tokens=view.live_tokens,
             growth_tokens=view.growth_tokens,
+            step_growth_tokens=view.step_growth_tokens,
             live_contexts_newest_first=view.live_contexts_newest_first,
             candidate_contexts=view.candidate_contexts,
             stale=usable is None,
+            interval_s=span or None,
+            busy=min(1.0, (pace.busy_s - last.busy_s) / span) if span > 0 else None,
+            completed=ended,
+            latency_s=(pace.latency_s - last.latency_s) / ended if ended else None,
+            tool_s=(pace.tool_s - last.tool_s) / tools if tools else None,
         )
 
     def tick(self, now: float, signal: EngineSignal | None, *, stale: bool = False) -> TickRecord:

@@ -40,12 +40,25 @@ class Observation:
     """Sum of live agents' context tokens."""
     growth_tokens: float = 0.0
     """Expected further growth of live agents' contexts (learned online)."""
+    step_growth_tokens: float = 0.0
+    """Mean growth of an agent's context per step (learned online; 0 until known)."""
     live_contexts_newest_first: tuple[int, ...] = ()
     """Context tokens of live agents, most recently admitted first (pause order)."""
     candidate_contexts: tuple[int, ...] = ()
     """Context tokens of agents waiting to run, in release order (paused, then queued)."""
     stale: bool = False
     """True when the engine signal is older than the poller's ``stale_after``."""
+    interval_s: float | None = None
+    """Seconds since the previous tick (``None`` at the first); the fields below cover it."""
+    busy: float | None = None
+    """Fraction of the interval with at least one request of the agents in flight: how
+    much of it the engine had their work."""
+    completed: int = 0
+    """Requests that ended in the interval."""
+    latency_s: float | None = None
+    """Their mean time from grant to end (``None`` when none ended)."""
+    tool_s: float | None = None
+    """Mean pause of the agents that came back from a tool call in the interval."""
 
     @property
     def in_use(self) -> bool:

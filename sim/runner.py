@@ -102,6 +102,10 @@ class Summary:
     mean_queue_wait_s: float
     max_window: int | None
     engine_steps: int
+    window_changes: int = 0
+    """Ticks at which the window changed."""
+    max_pauses: int = 0
+    """The most times any one agent was paused."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -134,6 +138,8 @@ class _Totals:
     prompt_tokens: int = 0
     output_tokens: int = 0
     max_window: int | None = 0
+    window_changes: int = 0
+    pauses: dict[str, int] = field(default_factory=dict)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -339,6 +345,8 @@ class Runner:
 
     def _on_tick(self, rec: TickRecord) -> None:
         window = rec.decision.window
+        if window != rec.window_before:
+            self._totals.window_changes += 1
         if window is None or self._totals.max_window is None:
             self._totals.max_window = None
         else:
@@ -368,6 +376,9 @@ class Runner:
     def _on_gate_event(self, event: GateEvent) -> None:
         if event.kind == "admitted" and event.waited is not None:
             self._totals.queue_waits.append(event.waited)
+        elif event.kind == "paused":
+            pauses = self._totals.pauses
+            pauses[event.agent_id] = pauses.get(event.agent_id, 0) + 1
 
     # -------------------------------------------------------------- summary
 
@@ -402,6 +413,8 @@ class Runner:
             ),
             max_window=t.max_window,
             engine_steps=int(stats.get("steps", 0)),
+            window_changes=t.window_changes,
+            max_pauses=max(t.pauses.values(), default=0),
         )
 
     def engine_stats(self) -> dict[str, float]:

@@ -475,3 +475,37 @@ def test_a_given_up_last_step_ends_its_agent_on_every_path(path: str) -> None:
             for ticket in (last, other) if path == "done_first" else (other, last):
                 gate.abandon(ticket)
     assert gate.get("b") is None and gate.live == 1
+
+
+def test_pace_times_the_engine_busy_the_requests_and_the_tool_calls() -> None:
+    gate, clock = make_gate(None)
+    a = run(gate, "a")  # t=0: the engine has work
+    clock.now = 1.0
+    b = run(gate, "b")
+    clock.now = 2.0
+    gate.finish(a)  # 2 s for a
+    clock.now = 3.0
+    gate.finish(b)  # 2 s for b; busy from 0 to 3
+    clock.now = 5.0
+    pace = gate.pace()
+    assert (pace.busy_s, pace.requests, pace.latency_s) == (3.0, 2, 4.0)
+    assert (pace.tools, pace.tool_s) == (0, 0.0)
+    a2 = run(gate, "a")  # back from a 3 s tool call (its response ended at t=2)
+    clock.now = 6.0
+    pace = gate.pace()
+    assert (pace.tools, pace.tool_s) == (1, 3.0)
+    assert pace.busy_s == 4.0  # the busy period in progress counts up to now
+    gate.abandon(a2)  # given up: its time still counts, and the engine is idle again
+    clock.now = 9.0
+    assert gate.pace().busy_s == 4.0 and gate.pace().requests == 3
+    assert gate.view().pace == gate.pace()
+
+
+def test_pace_ignores_waiting_and_held_requests() -> None:
+    gate, clock = make_gate(1)
+    run(gate, "a")
+    queued = run(gate, "b")  # waits for a slot: the engine does not have it
+    assert not queued.granted
+    clock.now = 10.0
+    gate.abandon(queued)
+    assert gate.pace().requests == 0 and gate.pace().busy_s == 10.0  # only a's time

@@ -153,3 +153,24 @@ def test_a_live_retune_of_aimd_keeps_the_window_it_learned() -> None:
     assert gate.window == 32
     ctl.set_policy(build_policy("aimd"))
     assert gate.window == 32
+
+
+def test_the_observation_carries_the_intervals_pace() -> None:
+    clock = Clock()
+    gate = AdmissionGate(clock=clock)
+    ctl = Controller(build_policy("unlimited"), gate)
+    first = ctl.observe(0.0, None, stale=True)
+    assert (first.interval_s, first.busy, first.completed) == (None, None, 0)
+    t = gate.submit("a")
+    clock.now = 0.5
+    gate.finish(t)
+    clock.now = 2.0
+    second = ctl.observe(2.0, None, stale=True)
+    assert second.interval_s == 2.0
+    assert second.busy == pytest.approx(0.25)  # 0.5 s of work in 2 s
+    assert (second.completed, second.latency_s, second.tool_s) == (1, 0.5, None)
+    gate.submit("a")  # back after a 1.5 s tool call
+    clock.now = 4.0
+    third = ctl.observe(4.0, None, stale=True)
+    assert third.tool_s == 1.5 and third.busy == pytest.approx(1.0)
+    assert (third.completed, third.latency_s) == (0, None)

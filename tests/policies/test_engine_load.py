@@ -1,0 +1,191 @@
+"""Engine-aware AIMD: open up when the engine idles while the cache holds agents back."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from concur.policies import AIMD, AIMDParams, Observation, build_policy
+from concur.policies.engine_load import EngineLoad, Ewma, Mode
+
+CAP = 100_000
+
+
+def load(**kw: float) -> EngineLoad:
+    args = {"busy_low": 0.8, "dwell_cycles": 2.0, "min_dwell_s": 2.0, "reprobe_s": 120.0}
+    return EngineLoad(**{**args, **kw})  # type: ignore[arg-type]
+
+
+def feed(
+    el: EngineLoad, busy: float, completed: int = 2, cycle: float = 1.5, dt: float = 1.0
+) -> None:
+    """One 1-second interval: ``completed`` requests, agents cycling every ``cycle`` s."""
+    el.update(dt, busy, completed, latency_s=0.5, tool_s=cycle - 0.5)
+
+
+def test_an_ewma_weighs_by_time() -> None:
+    e = Ewma()
+    assert e.add(0.2, 1.0, 5.0) == 0.2  # the first sample is taken as it is
+    after = e.add(1.0, 5.0, 5.0)  # one time constant later: 63% of the way
+    assert after == pytest.approx(0.2 + 0.8 * (1 - math.exp(-1)))
+    assert e.add(0.0, 0.0, 5.0) == after  # no time passed: no change
+
+
+def test_the_averages_run_over_an_agent_cycle() -> None:
+    el = load()
+    el.update(None, 0.5, 1, 0.5, 1.0)  # the first tick has no interval: nothing
+    el.update(1.0, None, 1, 0.5, 1.0)  # no busy share measured: nothing
+    assert el.busy is not None and el.busy.value is None
+    feed(el, 0.5, completed=3, cycle=4.0)
+    assert el.cycle is not None and el.cycle.value == 4.0
+    assert el.dwell() == 8.0  # two cycles
+    feed(el, 1.0, cycle=4.0)
+    # tau = one cycle (4 s): a 1 s interval moves the average 1 - e^(-1/4) of the way.
+    assert el.busy.value == pytest.approx(0.5 + 0.5 * (1 - math.exp(-0.25)))
+    short = load()
+    feed(short, 0.5, cycle=0.5)
+    assert short.dwell() == 2.0  # never under min_dwell_s
+
+
+def test_it_opens_after_the_engine_idled_for_the_dwell_while_agents_waited() -> None:
+    el = load()
+    for t in range(3):
+        feed(el, 0.5)
+        assert el.step(float(t), held_back=True, congested=True) is Mode.RESIDENT
+    feed(el, 0.5)
+    assert el.step(3.0, held_back=True, congested=True) is Mode.OPEN  # 3 s >= 2 cycles
+    assert el.resident_rate == pytest.approx(2.0)  # what it will have to beat
+
+
+def test_a_busy_engine_or_nobody_waiting_keeps_it_resident() -> None:
+    el = load()
+    for t in range(10):
+        feed(el, 0.95)
+        assert el.step(float(t), held_back=True, congested=True) is Mode.RESIDENT
+    el = load()
+    for t in range(10):
+        feed(el, 0.3)
+        assert el.step(float(t), held_back=False, congested=True) is Mode.RESIDENT
+
+
+def _opened() -> EngineLoad:
+    el = load()
+    for t in range(4):
+        feed(el, 0.5, completed=2)
+        el.step(float(t), held_back=True, congested=True)
+    assert el.mode is Mode.OPEN and el.since == 3.0
+    return el
+
+
+def test_open_stays_open_when_requests_complete_faster() -> None:
+    el = _opened()
+    for t in range(4, 100):
+        feed(el, 1.0, completed=3)
+        assert el.step(float(t), held_back=False, congested=True) is Mode.OPEN
+    assert el.judged
+    # After reprobe_s, a congested cache closes in again to check the swarm.
+    feed(el, 1.0, completed=3)
+    assert el.step(123.0, held_back=False, congested=True) is Mode.RESIDENT
+
+
+def test_open_closes_when_it_does_not_pay_and_waits_longer_next_time() -> None:
+    el = _opened()  # at t=3, agents cycling every 1.5 s: judged 3 s later
+    for t in (4, 5):
+        feed(el, 1.0, completed=1)
+        assert el.step(float(t), held_back=False, congested=True) is Mode.OPEN  # settling
+    feed(el, 1.0, completed=1)
+    assert el.step(6.0, held_back=False, congested=True) is Mode.RESIDENT  # 1/s < 2/s
+    assert el.backoff == 2.0
+    # The next try needs the engine idle twice as long: 6 s instead of 3.
+    for t in range(7, 13):
+        feed(el, 0.5)
+        assert el.step(float(t), held_back=True, congested=True) is Mode.RESIDENT
+    feed(el, 0.5)
+    assert el.step(13.0, held_back=True, congested=True) is Mode.OPEN
+
+
+def tick(
+    now: float,
+    window: int | None,
+    *,
+    busy: float | None,
+    live: int,
+    queued: int = 0,
+    paused: int = 0,
+    working_set: float = 0.9,
+    preempt: float = 0.0,
+    completed: int = 2,
+) -> Observation:
+    """A tick where the live working set is ``working_set`` of the cache."""
+    return Observation(
+        now=now,
+        window=window,
+        live=live,
+        queued=queued,
+        paused=paused,
+        kv_usage=0.3,
+        new_preemptions=preempt,
+        capacity_tokens=CAP,
+        live_tokens=int(working_set * CAP),
+        live_contexts_newest_first=(int(working_set * CAP / live),) * live if live else (),
+        interval_s=1.0,
+        busy=busy,
+        completed=completed,
+        latency_s=0.5,
+        tool_s=1.0,
+    )
+
+
+def test_a_busy_engine_keeps_the_working_set_resident() -> None:
+    p = AIMD(AIMDParams(initial_window=4))
+    for t in range(30):  # cache over high, engine busy: pause, as the cache preset does
+        d = p.decide(tick(float(t), p.window, busy=0.98, live=4, queued=8))
+        assert p.load.mode is Mode.RESIDENT and d.window is not None
+    assert d.pause is True and d.window < 4
+
+
+def test_a_decrease_pauses_just_enough_to_bring_the_working_set_under_low() -> None:
+    p = AIMD(AIMDParams(initial_window=8, low=0.75))
+    # 8 live agents of 12.5k tokens each: 100% of the cache. Under 0.75 means 6 agents.
+    d = p.decide(tick(0.0, 8, busy=1.0, live=8, working_set=1.0, queued=1))
+    assert (d.window, d.reason, d.pause) == (6, "decrease:pressure", True)
+
+
+def test_an_idle_engine_opens_the_window_and_pauses_nobody() -> None:
+    p = AIMD(AIMDParams(initial_window=4))
+    for t in range(5):
+        d = p.decide(tick(float(t), p.window, busy=0.4, live=4, queued=8, working_set=0.8))
+    assert p.load.mode is Mode.OPEN
+    assert (d.window, d.reason, d.pause) == (None, "open", False)
+    # Still open and unlimited while requests complete faster than they did resident.
+    for t in range(5, 12):
+        d = p.decide(tick(float(t), None, busy=1.0, live=12, working_set=2.5, completed=4))
+        assert (d.window, d.pause) == (None, False)
+    assert p.load.judged
+
+
+def test_an_open_window_that_did_not_pay_closes_in_from_the_live_agents() -> None:
+    p = AIMD(AIMDParams(initial_window=4, decrease_cooldown=0.0))
+    for t in range(5):
+        p.decide(tick(float(t), p.window, busy=0.4, live=4, queued=8, working_set=0.8))
+    assert p.load.mode is Mode.OPEN
+    d = p.decide(tick(5.0, None, busy=1.0, live=12, working_set=2.5, completed=0))
+    d = p.decide(tick(6.0, None, busy=1.0, live=12, working_set=2.5, completed=0))
+    assert p.load.mode is Mode.RESIDENT
+    assert d.window is not None and d.window < 12 and d.pause is True
+
+
+def test_without_a_busy_share_the_law_is_the_cache_law() -> None:
+    # No timing (a gate that measures none): the engine-aware part stays out of the way.
+    default = AIMD(AIMDParams(initial_window=4))
+    cache = AIMD(AIMDParams(initial_window=4, engine_aware=False))
+    for t, ws in enumerate([0.5, 0.9, 0.9, 0.95, 0.6, 0.5, 0.9, 1.1, 0.4, 0.3] * 2):
+        a = default.decide(
+            tick(float(t), default.window, busy=None, live=4, queued=6, working_set=ws)
+        )
+        b = cache.decide(tick(float(t), cache.window, busy=None, live=4, queued=6, working_set=ws))
+        assert (a.window, a.reason, a.pause) == (b.window, b.reason, b.pause)
+    assert default.load.mode is Mode.RESIDENT
+    cached = build_policy("aimd:cache")
+    assert isinstance(cached, AIMD) and cached.params.engine_aware is False
