@@ -35,7 +35,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.5)]
 class AIMDParams(BaseModel):
     """Parameters of the AIMD window controller (validated once, then frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     pressure: tuple[PressureSource, ...] = ("kv", "working_set")
     """Sources of pressure, combined by max. The default keeps engine KV usage in it."""
@@ -49,8 +49,11 @@ class AIMDParams(BaseModel):
     beta: float = Field(0.5, gt=0.0, lt=1.0)
     """Multiplicative decrease factor."""
     initial_window: int = Field(8, ge=1)
+    """Window at start, before any feedback."""
     min_window: int = Field(1, ge=1)
+    """Never shrink the window below this many agents."""
     max_window: int = Field(1024, ge=1)
+    """Never grow the window above this many agents."""
     decrease_cooldown: float = Field(5.0, ge=0.0)
     """Seconds between two decreases."""
     on_preemption: bool = True

@@ -15,10 +15,12 @@ from concur.policies.base import Decision, Observation
 
 
 class EPPParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     kv_threshold: float = Field(0.8, ge=0.0, le=1.0)
+    """Hold every request while engine KV usage is above this."""
     queue_threshold: int = Field(5, ge=0)
+    """Hold every request while more requests than this wait."""
 
 
 class EPP:

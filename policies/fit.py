@@ -18,14 +18,18 @@ from concur.policies.pressure import PressureSource
 
 
 class FitParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     pressure: tuple[PressureSource, ...] = ("kv", "working_set")
+    """Sources of pressure, combined by max."""
     high: float = Field(0.85, ge=0.0, le=1.5)
+    """Pause the newest live agents while pressure is above this."""
     low: float = Field(0.70, ge=0.0, le=1.5)
+    """Admit or resume an agent only while pressure with its context stays <= this."""
     min_window: int = Field(1, ge=1)
     """Never fewer live agents than this, so the swarm always makes progress."""
     pause: bool = True
+    """Step-boundary pausing of the newest live agents while pressure is high."""
 
     @field_validator("pressure", mode="before")
     @classmethod

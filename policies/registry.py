@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from concur.policies.aimd import AIMD, PRESETS, AIMDParams
 from concur.policies.base import Policy
@@ -27,25 +27,45 @@ class PolicyError(ValueError):
 class PolicySettings(BaseModel):
     """The policy to run and every policy's parameters (only the chosen one is used)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
     name: str = Field(
         "aimd",
         description=POLICY_SPECS,
     )
     aimd: AIMDParams = Field(default_factory=AIMDParams)
+    """Parameters of aimd (values set here override an aimd:<preset>)."""
     static: StaticParams = Field(default_factory=StaticParams)
+    """Parameters of static (static:N overrides window)."""
     fit: FitParams = Field(default_factory=FitParams)
+    """Parameters of fit: admit what fits, pause the newest when over."""
     epp: EPPParams = Field(default_factory=EPPParams)
+    """Parameters of epp, a request-level gate (comparison baseline)."""
+
+    @field_validator("name")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        split_spec(v)  # a PolicyError is a ValueError: reported as this field's error
+        return v
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """``"static:64"`` -> ``("static", "64")``; checks the name."""
-    name, _, arg = spec.strip().partition(":")
-    name = name.strip().lower()
+    """``"static:64"`` -> ``("static", "64")``; checks the name and its argument."""
+    name, _, rest = spec.strip().partition(":")
+    name, arg = name.strip().lower(), (rest.strip() or None)
     if name not in POLICY_NAMES:
         raise PolicyError(f"unknown policy {spec!r}; allowed: {', '.join(POLICY_NAMES)}")
-    return name, (arg.strip() or None)
+    if arg is None:
+        return name, arg
+    if name == "aimd" and arg not in PRESETS:
+        raise PolicyError(f"unknown aimd preset {arg!r}; allowed: {', '.join(PRESETS)}")
+    if name == "static" and not (arg.isdecimal() and int(arg) >= 1):
+        raise PolicyError(f"static:N needs a whole number N >= 1, got {arg!r}")
+    if name not in ("aimd", "static"):
+        raise PolicyError(f"policy {name!r} takes no ':' argument, got {spec!r}")
+    return name, arg
 
 
 def aimd_params(settings: AIMDParams, preset: str) -> AIMDParams:
@@ -67,18 +87,7 @@ def build_policy(spec: str | None = None, settings: PolicySettings | None = None
     if name == "aimd":
         return AIMD(aimd_params(settings.aimd, arg or "default"), preset=arg or "default")
     if name == "static":
-        params = settings.static
-        if arg is not None:
-            try:
-                window = int(arg)
-            except ValueError:
-                raise PolicyError(f"static:N needs a whole number of agents, got {arg!r}") from None
-            if window < 1:
-                raise PolicyError(f"static:N needs N >= 1, got {window}")
-            params = StaticParams(window=window)
-        return Static(params)
-    if arg is not None:
-        raise PolicyError(f"policy {name!r} takes no ':' argument, got {spec!r}")
+        return Static(settings.static if arg is None else StaticParams(window=int(arg)))
     if name == "unlimited":
         return Unlimited()
     if name == "fit":

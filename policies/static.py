@@ -9,7 +9,7 @@ from concur.policies.base import Decision, Observation
 
 
 class StaticParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     window: int = Field(64, ge=1)
     """The fixed number of live agents."""
