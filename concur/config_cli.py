@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from concur.config import add_config_arguments, render_effective, render_example, settings_from_args
+from concur._cli_config import add_config_arguments, settings_from_args
+from concur.config import render_effective, render_example
 
 
 def register(sub: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from concur.config import add_config_arguments, settings_from_args
+from concur._cli_config import add_config_arguments, settings_from_args
 from concur.logs import setup_logging
 from concur.policies.registry import POLICY_SPECS
 

@@ -141,7 +141,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    from concur.config import add_config_arguments
+    from concur._cli_config import add_config_arguments
 
     add_config_arguments(p)
 
@@ -235,7 +235,7 @@ def _print_table(results: Sequence[Any], title: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from concur.config import settings_from_args
+    from concur._cli_config import settings_from_args
 
     return settings_from_args(args)
 

@@ -281,7 +281,7 @@ def write_reports(comparisons: Sequence[TraceComparison], out: Path, tolerance: 
 
 def register_compare(sim_subparsers: Any) -> None:
     """Add ``compare-engines`` to ``concur sim``'s subcommands."""
-    from concur.config import add_config_arguments
+    from concur._cli_config import add_config_arguments
     from concur.sim.cli import DEFAULT_POLICIES
 
     p = sim_subparsers.add_parser(
@@ -324,7 +324,7 @@ def register_compare(sim_subparsers: Any) -> None:
 
 
 def cmd_compare_engines(args: argparse.Namespace) -> int:
-    from concur.config import settings_from_args
+    from concur._cli_config import settings_from_args
     from concur.policies.registry import PolicyError, build_policy
     from concur.sim.cli import DEFAULT_POLICIES, engine_spec, load_trace_arg
 

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from pydantic import ValidationError
 
+from concur._cli_config import add_config_arguments, parse_listen, settings_from_args
 from concur.cli import main
 from concur.config import (
     AdmissionSettings,
@@ -23,15 +25,14 @@ from concur.config import (
     ServerSettings,
     Settings,
     UpstreamSettings,
-    add_config_arguments,
+    explain,
     iter_fields,
     load_settings,
-    parse_listen,
     parse_set_value,
     render_effective,
     render_example,
-    settings_from_args,
 )
+from concur.policies import AIMDParams, FitParams, PolicySettings
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,6 @@ def cli_args(argv: list[str]) -> argparse.Namespace:
 def test_defaults() -> None:
     s = load_settings(env={})
     assert s.upstream.url == "http://127.0.0.1:8000"
-    assert s.upstream.urls == []
     assert s.upstream.connect_timeout == 2.0
     assert s.upstream.first_byte_timeout == 600.0
     assert s.upstream.read_timeout == 600.0
@@ -101,10 +101,6 @@ def test_defaults() -> None:
     assert s.policy.name == "aimd"
     assert s.policy.aimd.high == 0.85
     assert s.policy.aimd.low == 0.70
-
-
-def test_plain_constructor_matches_load_settings() -> None:
-    assert Settings() == load_settings(env={}) == load_settings()
 
 
 def test_derived_values() -> None:
@@ -301,11 +297,12 @@ def test_precedence_load_settings(tmp_path: Path) -> None:
 
 
 def test_command_flags_and_listen() -> None:
-    args = cli_args(["--set", "server.port=9500", "--set", "policy.name=fit"])
+    args = cli_args(["--set", "server.drain_timeout=5", "--set", "policy.name=fit"])
     s = settings_from_args(
         args, listen="0.0.0.0:9600", upstream__url="http://up:8000", **{"policy.name": None}
     )
-    assert (s.server.host, s.server.port) == ("0.0.0.0", 9600)  # flag beats --set
+    assert (s.server.host, s.server.port) == ("0.0.0.0", 9600)
+    assert s.server.drain_timeout == 5.0  # other server settings go beside --listen
     assert s.upstream.url == "http://up:8000"
     assert s.policy.name == "fit"  # a None flag is "not given"
     s = settings_from_args(args, listen=":9700")
@@ -627,3 +624,132 @@ def test_upstream_ca_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     code, _, err = run_cli(["config", "show", "--set", f"upstream.ca_file={garbage}"], capsys)
     assert code == 2
     assert f"upstream.ca_file = {garbage}" in err and "not a readable PEM file" in err
+
+
+# ------------------------------------------------------- one load, every problem
+
+
+def test_every_problem_is_reported_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONCUR_UPSTREAM_URL", "http://x:1")  # one underscore: a typo
+    monkeypatch.setenv("CONCUR_ENGINE__POLL_INTERVAL", "soon")
+    missing = tmp_path / "nope.toml"
+    argv = ["config", "show", "--config", str(missing), "--set", "server.port"]
+    argv += ["--set", "policy.name=aimdd", "--set", "policy.aimd.high=1.7"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and out == ""
+    for line in (
+        "--set 'server.port': expected KEY=VALUE",
+        "CONCUR_UPSTREAM_URL (environment): sections and fields are joined by a double "
+        "underscore: use CONCUR_UPSTREAM__URL",
+        f"config file {missing}: not found",
+        "engine.poll_interval = soon (from CONCUR_ENGINE__POLL_INTERVAL): must be a number",
+        "policy.name = aimdd (from --set policy.name): unknown policy 'aimdd'",
+        "policy.aimd.high = 1.7 (from --set policy.aimd.high): must be <= 1.5",
+    ):
+        assert line in err, line
+
+
+def test_bad_policy_name_is_reported_beside_its_bad_parameters() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={}, overrides={"policy.name": "static:0", "policy.fit.high": 9})
+    assert [p.split(" (from")[0] for p in info.value.problems] == [
+        'policy.name = "static:0"',
+        "policy.fit.high = 9",
+    ]
+
+
+def test_listen_refused_beside_set_server_host_or_port(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for given, key in (
+        ("server.port=banana", "server.port"),
+        ("server.host=0.0.0.0", "server.host"),
+        ('server={"port": 9100}', "server"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            settings_from_args(cli_args(["--set", given]), listen="0.0.0.0:9600")
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--listen 0.0.0.0:9600 and --set {key} both set the listen address" in err
+        assert "give one: --listen HOST:PORT, or --set server.host=HOST" in err
+    # The bad value the flag would have hidden is reported too.
+    with pytest.raises(SystemExit):
+        settings_from_args(cli_args(["--set", "server.port=banana"]), listen=":9600")
+    assert "server.port = banana (from --set server.port): must be a whole number" in (
+        capsys.readouterr().err
+    )
+
+
+def test_upstream_urls_is_gone() -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.urls = .*unknown setting; allowed here: url"):
+        load_settings(env={}, overrides={"upstream.urls": ["http://x:1"]})
+
+
+# -------------------------------------------------- one wording for every payload
+
+
+def test_explain_words_a_policy_payload_like_the_config() -> None:
+    with pytest.raises(ValidationError) as info:
+        PolicySettings.model_validate({"name": "aimd", "aimd": {"hihg": 0.9}})
+    assert explain(info.value, PolicySettings) == [
+        "aimd.hihg = 0.9: unknown setting; allowed here: " + ", ".join(AIMDParams.model_fields)
+    ]
+    with pytest.raises(ValidationError) as info:
+        PolicySettings.model_validate({"name": "aimdd", "aimd": {"high": 2, "low": 0.9}})
+    problems = explain(info.value, PolicySettings)
+    assert problems[0].startswith('name = "aimdd": unknown policy')
+    assert problems[1] == "aimd.high = 2: must be <= 1.5"
+
+
+def test_explain_never_echoes_a_large_input() -> None:
+    with pytest.raises(ValidationError) as info:
+        PolicySettings.model_validate({"name": "x" * 100_000})
+    (problem,) = explain(info.value, PolicySettings)
+    assert problem.startswith('name = "xxx') and "unknown policy" in problem
+    assert len(problem) < 700
+
+
+# -------------------------------------------------------- docs and TOML by library
+
+
+def test_example_docs_come_from_attribute_docstrings() -> None:
+    text = render_example()
+    # Written as docstrings under the fields, in concur/config and in the policies.
+    for model, name in (
+        (UpstreamSettings, "connect_timeout"),
+        (AIMDParams, "initial_window"),
+        (FitParams, "pause"),
+        (PolicySettings, "epp"),
+    ):
+        doc = model.model_fields[name].description
+        assert doc, f"{model.__name__}.{name}"
+        assert f"# {doc}" in text, doc
+    assert "# Seconds to wait for a TCP/TLS connection to the engine. [> 0; env" in text
+    # Only a docstring's first paragraph, without reST markup, on one line.
+    engine_aware = AIMDParams.model_fields["engine_aware"].description or ""
+    assert ":mod:" in engine_aware
+    assert "(see concur.policies.engine_load)" in text
+
+
+def test_show_toml_round_trips_every_kind_of_value(tmp_path: Path) -> None:
+    values = {
+        "server.host": 'hôst "quoted" \\ back',
+        "server.admin_token": "s3cret",
+        "admission.identity": ["header:X-Run", "body:user"],
+        "policy.name": "fit",
+        "policy.fit.pressure": ["working_set"],
+        "policy.aimd.hit_floor": 0.25,
+        "engine.metrics_url": "http://m:9/x",
+    }
+    settings = load_settings(env={}, overrides=values)
+    text = render_effective(settings, "toml")
+    assert 'identity = ["header:X-Run", "body:user"]' in text  # one line per value
+    data = tomllib.loads(text)
+    assert data["server"]["host"] == values["server.host"]
+    assert data["server"]["admin_token"] == "***"
+    back = load_settings(
+        write(tmp_path / "show.toml", text), env={}, overrides={"server.admin_token": "s3cret"}
+    )
+    assert back == settings

@@ -1,0 +1,266 @@
+"""The settings tree: one model per section, and :class:`Settings` over them all.
+
+Each field's docstring is its documentation (``use_attribute_docstrings``): what
+``concur config example`` prints above it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from concur.config import _checks
+from concur.config._errors import bare
+from concur.config._sources import ENV_DELIMITER, ENV_PREFIX, settings_sources
+from concur.policies.registry import PolicyError, PolicySettings, aimd_params, split_spec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+_LOWER = BeforeValidator(_lower)
+
+
+class UpstreamSettings(_Section):
+    """The engine concur forwards to (vLLM, SGLang or llama.cpp's OpenAI server)."""
+
+    url: str = "http://127.0.0.1:8000"
+    """Base URL of the engine's OpenAI-compatible server (http or https)."""
+    connect_timeout: float = Field(2.0, gt=0)
+    """Seconds to wait for a TCP/TLS connection to the engine."""
+    first_byte_timeout: float = Field(600.0, gt=0)
+    """Seconds to wait for the engine's response headers (long prefills are slow)."""
+    read_timeout: float = Field(600.0, gt=0)
+    """Longest idle gap, in seconds, between two response chunks."""
+    ca_file: str | None = None
+    """PEM file of CA certificates to trust, besides the system's, for an https engine
+    (its OpenAI server and metrics URL)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _checks.http_url(v)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        path = Path(v.strip()).expanduser()
+        _checks.tls_context(str(path))  # a bad file fails at load time, not on a request
+        return str(path)
+
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+EngineKind = Literal["vllm", "sglang", "llamacpp"]
+
+
+class ServerSettings(_Section):
+    """concur's own HTTP server: the address agents connect to."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    """Address to listen on."""
+    port: int = Field(9000, ge=1, le=65535)
+    """TCP port to listen on."""
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest request body accepted, in bytes."""
+    drain_timeout: float = Field(30.0, ge=0)
+    """On shutdown, seconds to let in-flight requests finish."""
+    send_timeout: float = Field(60.0, gt=0)
+    """Seconds a client may read nothing while a response waits for it; then the
+    connection is closed and the agent's request ends."""
+    admin_token: SecretStr | None = None
+    """Bearer token for the /concur/ admin endpoints (unset: they answer 403)."""
+    log_format: Annotated[Literal["text", "json"], _LOWER] = "text"
+    """Log line format."""
+    log_level: Annotated[LogLevel, _LOWER] = "info"
+    """Least severe log level printed."""
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+
+class EngineSettings(_Section):
+    """How concur reads the engine's load signal."""
+
+    kind: Annotated[EngineKind, _LOWER] = "vllm"
+    """Engine type, which decides how to read it."""
+    metrics_url: str | None = None
+    """Metrics URL; unset: upstream.url + /metrics (/slots for llamacpp)."""
+    poll_interval: float = Field(0.5, gt=0)
+    """Seconds between two metric scrapes."""
+    poll_timeout: float = Field(2.0, gt=0)
+    """Seconds before one scrape gives up."""
+    stale_after: float = Field(3.0, gt=0)
+    """Seconds without a good scrape before the signal counts as stale."""
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        return _checks.http_url(v)
+
+    @model_validator(mode="after")
+    def _stale(self) -> Self:
+        if self.stale_after <= self.poll_interval:
+            raise ValueError(
+                f"stale_after ({self.stale_after}) must exceed poll_interval "
+                f"({self.poll_interval}), or every scrape would look stale"
+            )
+        return self
+
+
+class ControlSettings(_Section):
+    """The control loop that asks the policy for a new window."""
+
+    interval: float = Field(1.0, gt=0)
+    """Seconds between two control ticks."""
+    failure_mode: Literal["hold", "closed", "open"] = "hold"
+    """When the engine signal is stale: hold the window, closed (admit no new agents) or
+    open (no limit)."""
+
+
+class AdmissionSettings(_Section):
+    """Which requests belong to which agent, and how waiting agents are treated."""
+
+    identity: list[str] = Field(default_factory=lambda: list(_checks.DEFAULT_IDENTITY))
+    """Where to find an agent's id, first match wins: header:<Name>, body:session_id,
+    body:user."""
+    anonymous: Literal["gate", "bypass"] = "gate"
+    """Requests without an id: gate them as one-step agents, or bypass the gate."""
+    done_header: str = "X-Concur-Agent-Done"
+    """Request header that marks an agent's last request (frees its slot)."""
+    idle_timeout: float = Field(300.0, gt=0)
+    """Seconds without a request before an agent's slot is freed."""
+    max_queue_wait: float = Field(600.0, gt=0)
+    """Seconds a new agent may wait for a slot before a 429."""
+    max_queue_len: int = Field(10000, ge=0)
+    """Agents allowed to wait; beyond this a new agent gets 429 at once."""
+    max_identity_bytes: int = Field(256, ge=1, le=65536)
+    """Longest agent id accepted, in UTF-8 bytes."""
+
+    @field_validator("identity", mode="before")
+    @classmethod
+    def _split_identity(cls, v: Any) -> Any:
+        return _checks.split_list(v)
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, v: list[str]) -> list[str]:
+        return _checks.identity_specs(v)
+
+    @field_validator("done_header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        return _checks.header_name(v)
+
+    def identity_sources(self) -> list[tuple[Literal["header", "body"], str]]:
+        """``identity`` parsed: ``[("header", "X-Session-Id"), ("body", "user"), ...]``."""
+        out: list[tuple[Literal["header", "body"], str]] = []
+        for spec in self.identity:
+            kind, _, name = spec.partition(":")
+            out.append(("header" if kind == "header" else "body", name))
+        return out
+
+
+class Settings(BaseSettings):
+    """Everything concur can be configured with. Build it with ``load_settings``.
+
+    ``Settings()`` alone reads ``CONCUR_*`` from the process environment and the file
+    named by ``$CONCUR_CONFIG``; keyword arguments take precedence over both.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+    )
+
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    """The engine concur forwards to (vLLM, SGLang or llama.cpp's OpenAI server)."""
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """concur's own HTTP server: the address agents connect to."""
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    """How concur reads the engine's load signal."""
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    """The control loop that asks the policy for a new window."""
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    """Which requests belong to which agent, and how waiting agents are treated."""
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    """The admission policy (name) and every policy's parameters."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then the sources of ``concur.config._sources``."""
+        return settings_sources(settings_cls, init_settings)
+
+    @field_validator("policy")
+    @classmethod
+    def _aimd_preset(cls, v: PolicySettings) -> PolicySettings:
+        """An ``aimd:<preset>`` must stay valid with the aimd parameters set explicitly."""
+        name, preset = split_spec(v.name)
+        if name != "aimd" or preset is None:
+            return v
+        try:
+            aimd_params(v.aimd, preset)
+        except PolicyError as exc:
+            cause = exc.__cause__
+            why = (
+                "; ".join(bare(e["msg"]) for e in cause.errors())
+                if isinstance(cause, ValidationError)
+                else str(exc)
+            )
+            reason = f"with preset aimd:{preset} these settings give: {why}"
+            error = PydanticCustomError("policy", "{reason}", {"reason": reason})
+            explicit = v.aimd.model_dump(include=v.aimd.model_fields_set)
+            raise ValidationError.from_exception_data(
+                "PolicySettings", [InitErrorDetails(type=error, loc=("aimd",), input=explicit)]
+            ) from None
+        return v
+
+    def metrics_url(self) -> str:
+        """Where the poller scrapes: ``engine.metrics_url``, or derived from ``upstream.url``."""
+        if self.engine.metrics_url:
+            return self.engine.metrics_url
+        return self.upstream.url + ("/slots" if self.engine.kind == "llamacpp" else "/metrics")
+
+    def gate_options(self) -> dict[str, float | int]:
+        """Keyword arguments for :class:`concur.admission.AdmissionGate` (besides the clock)."""
+        return {
+            "max_queue_len": self.admission.max_queue_len,
+            "max_queue_wait": self.admission.max_queue_wait,
+            "idle_timeout": self.admission.idle_timeout,
+        }
