@@ -46,6 +46,7 @@ from concur.admission import (
     QueueTimeout,
     Ticket,
 )
+from concur.config import UpstreamSettings
 from concur.deadlines import Deadlines, SendWatch, UpstreamTimer
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
 from concur.metrics import ConcurMetrics
@@ -96,6 +97,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _MAX_USAGE_BODY = 4 << 20
 REQUEST_ID_HEADER = "X-Concur-Request-Id"
 _MAX_CACHED_TARGETS = 256
+_UPSTREAM_DEFAULTS = UpstreamSettings()  # ProxyOptions' timeouts default to the config's
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +105,10 @@ class ProxyOptions:
     """What the proxy needs from the configuration."""
 
     upstream: str
-    connect_timeout: float | None = 5.0
-    first_byte_timeout: float | None = 600.0
+    connect_timeout: float | None = _UPSTREAM_DEFAULTS.connect_timeout
+    first_byte_timeout: float | None = _UPSTREAM_DEFAULTS.first_byte_timeout
     """Seconds until the upstream's response headers (a non-streaming generation's whole run)."""
-    read_timeout: float | None = 300.0
+    read_timeout: float | None = _UPSTREAM_DEFAULTS.read_timeout
     """Seconds of upstream silence allowed between two body chunks."""
     send_timeout: float = 60.0
     """Seconds one write may wait for a client that stopped reading."""

@@ -687,6 +687,15 @@ def test_upstream_urls_is_gone() -> None:
         load_settings(env={}, overrides={"upstream.urls": ["http://x:1"]})
 
 
+def test_proxy_timeouts_default_to_the_configs() -> None:
+    from concur.proxy import ProxyOptions
+
+    options, upstream = ProxyOptions(upstream="http://x:1"), UpstreamSettings()
+    assert options.connect_timeout == upstream.connect_timeout
+    assert options.first_byte_timeout == upstream.first_byte_timeout
+    assert options.read_timeout == upstream.read_timeout
+
+
 # -------------------------------------------------- one wording for every payload
 
 
