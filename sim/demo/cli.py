@@ -228,7 +228,8 @@ def _print_next(
     print("\nwhat to try next:")
     print(
         f"  concur sim run --trace {out}/trace.jsonl {engine_flags}\n"
-        "      compare every policy offline in seconds (unlimited, static:N, aimd, fit, ...)"
+        "      the same swarm offline in seconds under several policies (unlimited, a static "
+        "cap, aimd:paper, aimd:cache, aimd; --policy to choose)"
     )
     speed = scenario.speed
     scaled = live_settings(speed)
