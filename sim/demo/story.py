@@ -153,7 +153,7 @@ def start_jump(tl: Timeline, initial: int) -> tuple[float, int, int] | None:
     return None
 
 
-def _start(tl: Timeline, policy: dict[str, Any]) -> str | None:
+def _start(tl: Timeline, policy: dict[str, Any], agents: int) -> str | None:
     """How far the window opened at the start, and why when the law says so."""
     initial = policy.get("initial_window")
     jump = start_jump(tl, initial) if isinstance(initial, int) else None
@@ -169,9 +169,10 @@ def _start(tl: Timeline, policy: dict[str, Any]) -> str | None:
             f"fits under {mark} the KV cache, and pauses agents at step boundaries later, "
             "as their contexts grow"
         )
+    who = f"all {live}" if live == agents else f"{live}"
     return (
-        f"At the start its window went from {initial} to {w} within {t:.0f} s, "
-        f"with {live} agents live{why}."
+        f"At the start it let {who} agents run at once within {t:.0f} s "
+        f"(window {initial} → {w}){why}."
     )
 
 
@@ -200,7 +201,7 @@ def story(direct: RunRecord, controlled: RunRecord) -> str:
     policy = (controlled.proxy_status or {}).get("policy") or {}
     agents = int(controlled.swarm.get("agents", 0)) or max(tl.live, default=0)
     parts = [_outcome(direct, controlled)]
-    start = _start(tl, policy)
+    start = _start(tl, policy, agents)
     if start:
         parts.append(start)
     parts.append(_held(held, agents))
