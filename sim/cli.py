@@ -11,7 +11,10 @@ from typing import Any
 
 from concur.policies.registry import POLICY_SPECS
 
-DEFAULT_POLICIES = ("unlimited", "static:32", "aimd:kv", "aimd:paper", "aimd", "fit", "epp")
+DEFAULT_POLICIES = (
+    "unlimited, static:N (N: the agents the KV cache holds), aimd:paper, aimd:cache, aimd"
+)
+"""`concur sim run`'s policies without `--policy`: see :func:`concur.sim.guide.default_policies`."""
 
 
 def register(sub: Any) -> None:
@@ -39,7 +42,10 @@ def register(sub: Any) -> None:
         "--policy",
         action="append",
         metavar="SPEC",
-        help=(f"policy to run (repeatable): {POLICY_SPECS}. Default: {' '.join(DEFAULT_POLICIES)}"),
+        help=(
+            f"policy to run (repeatable): {POLICY_SPECS}. Default: {DEFAULT_POLICIES}; "
+            "static:N only when N is below the trace's agent count"
+        ),
     )
     run.add_argument("--out", type=Path, default=Path("out/sim"), help="report directory")
     run.add_argument("--jobs", type=int, default=None, help="parallel processes (default: cores)")
@@ -66,6 +72,8 @@ def register(sub: Any) -> None:
     sweep.add_argument("--jobs", type=int, default=None)
     sweep.add_argument("--no-plots", action="store_true")
     _config_args(sweep)
+    from concur.sim.sweep import cmd_sweep
+
     sweep.set_defaults(func=cmd_sweep)
 
     gen = s.add_parser(
@@ -75,7 +83,10 @@ def register(sub: Any) -> None:
     )
     gen.add_argument(
         "shape",
-        help="swe-swarm, swe-swarm-staggered, chat, small, tool-bound, engine-bound or staggered",
+        help=(
+            "small (a first try), swe-swarm, swe-swarm-staggered, chat, tool-bound, "
+            "engine-bound, staggered or tiny"
+        ),
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--agents", type=int, default=None, help="override the shape's agent count")
@@ -214,11 +225,14 @@ def run_with_progress(jobs: Sequence[Any], workers: int | None) -> list[Any]:
         return run_jobs(jobs, workers=workers, progress=update)
 
 
-def _print_table(results: Sequence[Any], title: str) -> None:
+def _print_table(
+    results: Sequence[Any], title: str, capacity: int | None = None, trace: Any = None
+) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
     from rich.table import Table
 
+    from concur.sim.guide import closing_text
     from concur.sim.report import COLUMNS, TERMINAL_COLUMNS, explain, rows
 
     heads = dict(COLUMNS)
@@ -232,6 +246,8 @@ def _print_table(results: Sequence[Any], title: str) -> None:
     console = probe if probe.is_terminal else Console(width=120)
     console.print(table)
     console.print(Markdown(explain([x.summary for x in results])))
+    console.print()
+    console.print(Markdown(closing_text(results, capacity, trace)))
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -246,19 +262,21 @@ def _settings(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from concur.policies.registry import PolicyError, build_policy
     from concur.sim.batch import Job
+    from concur.sim.guide import default_policies
     from concur.sim.report import write_all
     from concur.sim.runner import RunOptions
 
     settings = _settings(args)
-    specs = args.policy or list(DEFAULT_POLICIES)
     try:
-        for spec in specs:
+        for spec in args.policy or ():
             build_policy(spec, settings.policy)
         trace, label = load_trace_arg(args)
         engine = engine_spec(args)
         engine_desc = engine.describe()
+        capacity = engine.build().kv_capacity_tokens
     except (PolicyError, ValueError, OSError) as exc:
         return _fail(str(exc))
+    specs = args.policy or default_policies(trace, capacity)
     options = RunOptions(
         control_interval=settings.control.interval, failure_mode=settings.control.failure_mode
     )
@@ -283,100 +301,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         "trace": label,
         "engine": engine_desc,
         "engine_kind": args.engine,
+        "kv_capacity_tokens": capacity,
         "control_interval_s": options.control_interval,
         "wall_s": round(wall, 1),
     }
-    _print_table(results, f"{label} on {engine_desc}")
+    _print_table(results, f"{label} on {engine_desc}", capacity, trace)
     if args.no_plots:
-        _write_reports_without_plots(results, args.out, meta)
+        _write_reports_without_plots(results, args.out, meta, trace)
     else:
-        write_all(results, args.out, meta)
+        write_all(results, args.out, meta, trace)
     print(f"report: {args.out}/summary.md (also summary.json and PNG plots); wall {wall:.1f}s")
     return 0
 
 
-def _write_reports_without_plots(results: Sequence[Any], out: Path, meta: dict[str, Any]) -> None:
+def _write_reports_without_plots(
+    results: Sequence[Any], out: Path, meta: dict[str, Any], trace: Any = None
+) -> None:
     from concur.sim.report import write_json, write_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "summary.json", meta)
-    write_markdown(results, out / "summary.md", meta)
-
-
-def sweep_jobs(args: argparse.Namespace, settings: Any, trace: Any, engine: Any) -> list[Any]:
-    """One job per value of ``--param``."""
-    from concur.policies.registry import PolicySettings
-    from concur.sim.batch import Job
-    from concur.sim.runner import RunOptions
-
-    options = RunOptions(
-        control_interval=settings.control.interval, failure_mode=settings.control.failure_mode
-    )
-    values = [v.strip() for v in str(args.values).split(",") if v.strip()]
-    if not values:
-        raise ValueError("--values needs at least one value")
-    jobs: list[Job] = []
-
-    def job(label: str, spec: str, pol: PolicySettings) -> Job:
-        return Job(label, spec, trace, engine, pol, options, args.seed, args.engine)
-
-    if args.baseline:
-        jobs.append(job("unlimited", "unlimited", settings.policy))
-    if args.param == "static":
-        for v in values:
-            jobs.append(job(f"static:{v}", f"static:{v}", settings.policy))
-        return jobs
-    section, _, field = args.param.partition(".")
-    if not field or section not in ("aimd", "fit", "epp", "static"):
-        raise ValueError(
-            f"--param must be 'static' or a dotted policy field such as aimd.high, got "
-            f"{args.param!r}"
-        )
-    for v in values:
-        data = settings.policy.model_dump(exclude_unset=True)
-        data.setdefault(section, {})[field] = _parse_value(v)
-        try:
-            pol = PolicySettings.model_validate(data)
-        except Exception as exc:  # pydantic's ValidationError, re-worded for the CLI
-            raise ValueError(f"{args.param}={v}: {exc}") from None
-        jobs.append(job(f"{args.policy} {field}={v}", args.policy, pol))
-    return jobs
-
-
-def _parse_value(text: str) -> Any:
-    import json
-
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from concur.sim.report import write_all
-
-    settings = _settings(args)
-    try:
-        trace, label = load_trace_arg(args)
-        engine = engine_spec(args)
-        jobs = sweep_jobs(args, settings, trace, engine)
-        engine_desc = engine.describe()
-    except (ValueError, OSError) as exc:
-        return _fail(str(exc))
-    print(f"sweep {args.param} over {args.values} on {label}; engine: {engine_desc}")
-    results = run_with_progress(jobs, args.jobs)
-    swept = [r for r in results if r.summary.policy != "unlimited"]
-    done = [r for r in swept if r.summary.finished_agents == r.summary.agents] or swept
-    best = min(done, key=lambda r: r.summary.makespan_s)
-    _print_table(results, f"sweep of {args.param} on {label}")
-    print(f"best: {best.summary.policy} (makespan {best.summary.makespan_s:,.1f} s)")
-    meta = {"trace": label, "engine": engine_desc, "param": args.param, "best": best.summary.policy}
-    if args.no_plots:
-        _write_reports_without_plots(results, args.out, meta)
-    else:
-        write_all(results, args.out, meta)
-    print(f"report: {args.out}/summary.md")
-    return 0
+    write_markdown(results, out / "summary.md", meta, trace)
 
 
 def cmd_gen(args: argparse.Namespace) -> int:

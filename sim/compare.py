@@ -309,7 +309,7 @@ def register_compare(sim_subparsers: Any) -> None:
         "--policy",
         action="append",
         metavar="SPEC",
-        help=f"policy to run (repeatable). Default: {' '.join(DEFAULT_POLICIES)}",
+        help=f"policy to run (repeatable). Default: {DEFAULT_POLICIES}",
     )
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: cores)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="allowed |ratio - 1|")
@@ -326,12 +326,12 @@ def register_compare(sim_subparsers: Any) -> None:
 def cmd_compare_engines(args: argparse.Namespace) -> int:
     from concur._cli_config import settings_from_args
     from concur.policies.registry import PolicyError, build_policy
-    from concur.sim.cli import DEFAULT_POLICIES, engine_spec, load_trace_arg
+    from concur.sim.cli import engine_spec, load_trace_arg
+    from concur.sim.guide import default_policies
 
     settings = settings_from_args(args)
-    policies = list(args.policy or DEFAULT_POLICIES)
     try:
-        for spec in policies:
+        for spec in args.policy or ():
             build_policy(spec, settings.policy)
         trace, label = load_trace_arg(args)
         engine = engine_spec(args)
@@ -339,6 +339,7 @@ def cmd_compare_engines(args: argparse.Namespace) -> int:
     except (PolicyError, ValueError, OSError) as exc:
         print(f"concur sim compare-engines: error: {exc}", file=sys.stderr)
         return 2
+    policies = list(args.policy or default_policies(trace, engine.build().kv_capacity_tokens))
     options = RunOptions(
         control_interval=settings.control.interval, failure_mode=settings.control.failure_mode
     )

@@ -16,8 +16,14 @@ Shapes (see :func:`shapes`):
 - ``chat``: 120 chat users arriving as a Poisson process at 2/s (about a minute),
   2-8 turns, short contexts with a 256-token shared system prompt, a few seconds of
   think time between turns.
-- ``small``: 8 agents, 2-4 steps, a 512-token shared prompt, sub-second tools: for
-  tests and quick demos.
+- ``small``: a first try that shows admission control in seconds: 24 coding agents
+  arriving over 10 s, 4-8 steps, first prompts of 10-16k tokens (a 2,048-token shared
+  system prompt) and 1.5-3.5k tokens added per step, outputs of 50-150 tokens, tool
+  calls of median 1 s. Contexts grow to ~30k tokens, so the agents' working set (~600k
+  tokens if all ran at once) outgrows the 320,592-token KV cache of ``concur sim``'s
+  default engine (Qwen3-32B on 2 x H100): without control the prefix cache thrashes.
+- ``tiny``: 8 agents, 2-4 steps, contexts under 1.5k tokens, a 512-token shared prompt,
+  sub-second tools: for tests (it puts no pressure on any real cache).
 
 Three shapes sized for a 32,768-token KV cache, the regimes of
 ``bench/real_engine.py`` on a real vLLM (each agent's final context is 30-45% of
@@ -226,7 +232,22 @@ def _builtin_shapes() -> dict[str, Shape]:
         ),
         "small": Shape(
             name="small",
-            description="8 agents, 2-4 steps, for tests and quick demos",
+            description="24 agents over 10 s, 4-8 steps, contexts to ~30k: outgrows 320k of KV",
+            agents=24,
+            steps=(4, 8),
+            first_input_tokens=(10_000, 16_000),
+            input_tokens=(1500, 3500),
+            output_tokens=(50, 150),
+            shared_prefix_tokens=2048,
+            arrival="uniform",
+            arrival_window_s=10.0,
+            tool_latency_median_s=1.0,
+            tool_latency_sigma=0.5,
+            agent_prefix="small",
+        ),
+        "tiny": Shape(
+            name="tiny",
+            description="8 agents, 2-4 steps, contexts under 1.5k tokens: for tests",
             agents=8,
             steps=(2, 4),
             first_input_tokens=(600, 1000),
@@ -237,7 +258,7 @@ def _builtin_shapes() -> dict[str, Shape]:
             arrival_window_s=2.0,
             tool_latency_median_s=0.5,
             tool_latency_sigma=0.4,
-            agent_prefix="small",
+            agent_prefix="tiny",
         ),
     }
 

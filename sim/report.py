@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from concur.sim.runner import RunResult, Summary
+from concur.sim.trace import Trace
 
 TERMINAL_COLUMNS = (
     "policy",
@@ -121,8 +122,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_markdown(results: Sequence[RunResult], path: Path, meta: dict[str, Any]) -> None:
+def write_markdown(
+    results: Sequence[RunResult], path: Path, meta: dict[str, Any], trace: Trace | None = None
+) -> None:
+    """The table, who won and why, and what each policy held back and what to look at
+    (with a ``--kv-tokens`` hint when the cache never filled: ``meta["kv_capacity_tokens"]``)."""
+    from concur.sim.guide import closing_text
+
     summaries = [r.summary for r in results]
+    capacity = meta.get("kv_capacity_tokens")
     lines = [
         f"# concur sim: {meta.get('trace', 'trace')}",
         "",
@@ -131,6 +139,8 @@ def write_markdown(results: Sequence[RunResult], path: Path, meta: dict[str, Any
         markdown_table(summaries),
         "",
         explain(summaries),
+        "",
+        closing_text(results, capacity if isinstance(capacity, int) else None, trace),
         "",
     ]
     path.write_text("\n".join(lines))
@@ -156,13 +166,17 @@ def plot(results: Sequence[RunResult], out_dir: Path) -> list[Path]:
         axes[0].plot(t, [_nan(x.working_set) for x in s], color=color, lw=0.8, ls=":")
         axes[1].plot(t, smoothed_hit_rate(s, span), label=label, lw=1.2, color=color)
         axes[2].plot(t, [x.live for x in s], label=label, lw=1.2, color=color)
-        axes[2].plot(t, [_nan(x.window) for x in s], lw=0.8, ls="--", color=color)
+        # No limit (unlimited, or an engine-aware law open) is drawn at the top: every agent.
+        top = r.summary.agents
+        axes[2].plot(
+            t, [top if x.window is None else x.window for x in s], lw=0.8, ls="--", color=color
+        )
         axes[3].plot(t, [x.queued + x.paused for x in s], label=label, lw=1.2, color=color)
     axes[0].set_ylabel("engine KV usage\n(dotted: working set)")
     axes[0].axhline(0.85, color="grey", lw=0.6, ls="--")
     axes[1].set_ylabel(f"prefix hit rate\n(trailing {span:.0f} s)")
     axes[1].set_ylim(-0.02, 1.02)
-    axes[2].set_ylabel("live agents\n(dashed: window)")
+    axes[2].set_ylabel("live agents\n(dashed: window; at the\ntop: no limit)")
     axes[3].set_ylabel("queued + paused agents")
     axes[3].set_xlabel("time (s)")
     axes[0].legend(loc="upper right", fontsize=8, ncols=3)
@@ -211,8 +225,10 @@ def _nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
-def write_all(results: Sequence[RunResult], out_dir: Path, meta: dict[str, Any]) -> list[Path]:
+def write_all(
+    results: Sequence[RunResult], out_dir: Path, meta: dict[str, Any], trace: Trace | None = None
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(results, out_dir / "summary.json", meta)
-    write_markdown(results, out_dir / "summary.md", meta)
+    write_markdown(results, out_dir / "summary.md", meta, trace)
     return [out_dir / "summary.json", out_dir / "summary.md", *plot(results, out_dir)]

@@ -78,6 +78,8 @@ class Sample:
     waiting: int | None
     hits_total: float | None = None
     queries_total: float | None = None
+    reason: str | None = None
+    """The policy's decision at this tick (``open``: an engine-aware law lifted its limit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +372,7 @@ class Runner:
                 waiting=o.engine_waiting,
                 hits_total=self._signal.prefix_hits_total if self._signal else None,
                 queries_total=self._signal.prefix_queries_total if self._signal else None,
+                reason=rec.decision.reason,
             )
         )
 

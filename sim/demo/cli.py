@@ -4,8 +4,9 @@
    thrashes without control, and run an agent swarm straight at it;
 2. start a fresh engine and ``concur serve --policy aimd`` in front of it, and
    run the same swarm through concur;
-3. print a side-by-side table, write ``demo.json`` and ``demo.png`` (KV usage,
-   hit rate and the window over time), and say what to try next.
+3. print a side-by-side table and what concur did (from the runs' own data), write
+   ``demo.json`` and ``demo.png`` (both runs: live, paused and queued agents under the
+   window, KV usage and hit rate over time), and say what to try next.
 
 Every child process is stopped on exit, on error and on Ctrl-C.
 """
@@ -53,8 +54,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--sample-interval",
         type=float,
-        default=0.5,
-        help="wall seconds between two readings of the engine and concur",
+        default=0.25,
+        help="wall seconds between two readings of the engine and concur (0.25)",
     )
     p.set_defaults(func=run)
 
@@ -104,13 +105,15 @@ def run_demo(
     out: Path,
     *,
     policy: str = "aimd",
-    sample_interval: float = 0.5,
+    sample_interval: float = 0.25,
 ) -> dict[str, Any]:
     """Run both halves of the demo and write the report; returns ``demo.json``'s data."""
     from concur.sim.demo.live import run_live
     from concur.sim.demo.orchestrate import start_concur, start_engine
-    from concur.sim.demo.report import print_table, write_json, write_plot
+    from concur.sim.demo.plot import write_plot
+    from concur.sim.demo.report import print_table, write_json
     from concur.sim.demo.scenario import live_settings, set_flags
+    from concur.sim.demo.story import story
     from concur.sim.procs import Supervisor, free_port
     from concur.sim.trace import dump_trace, summarize
 
@@ -181,7 +184,9 @@ def run_demo(
     title = f"{info.agents} agents on {engine_desc}"
     print()
     print_table(direct, controlled, title)
+    told = story(direct, controlled)
     meta = {
+        "story": told,
         "scenario": scenario.describe(),
         "trace": {"agents": info.agents, "steps": info.steps},
         "engine": engine_desc,
@@ -191,28 +196,9 @@ def run_demo(
     }
     write_json(out / "demo.json", meta, [direct, controlled])
     plotted = write_plot(out / "demo.png", direct, controlled, title)
-    _print_verdict(direct, controlled)
+    print(told)
     _print_next(out, scenario, urls, policy, wall, plotted)
     return {"meta": meta, "direct": direct.figures(), "controlled": controlled.figures()}
-
-
-def _print_verdict(direct: RunRecord, controlled: RunRecord) -> None:
-    d, c = direct.figures(), controlled.figures()
-    if not (d["makespan_s"] and c["makespan_s"]):
-        return
-    gain = d["makespan_s"] / c["makespan_s"]
-    hits = (
-        f"; prefix-cache hit rate {100 * c['hit_rate']:.0f}% vs {100 * d['hit_rate']:.0f}%"
-        if c["hit_rate"] is not None and d["hit_rate"] is not None
-        else ""
-    )
-    if gain >= 1.0:
-        print(
-            f"concur finished the swarm {gain:.2f}x faster{hits}: it kept the agents that "
-            "fit in the KV cache running and queued the rest, so their prefixes stayed cached."
-        )
-    else:
-        print(f"concur was {1 / gain:.2f}x slower on this run{hits}.")
 
 
 def _print_next(
@@ -225,7 +211,8 @@ def _print_next(
         f"--model {spec.model} --gpu {spec.gpu} --tp {spec.tp} --kv-tokens {scenario.kv_tokens}"
     )
     plot = (
-        f"{out}/demo.png (KV usage, hit rate, window over time)"
+        f"{out}/demo.png (both runs: live, paused and queued agents under the window, "
+        "KV usage and hit rate over time)"
         if plotted
         else "no plot (matplotlib is missing: pip install 'concur[sim]')"
     )
@@ -241,7 +228,8 @@ def _print_next(
     print("\nwhat to try next:")
     print(
         f"  concur sim run --trace {out}/trace.jsonl {engine_flags}\n"
-        "      compare every policy offline in seconds (unlimited, static:N, aimd, fit, ...)"
+        "      the same swarm offline in seconds under several policies (unlimited, a static "
+        "cap, aimd:paper, aimd:cache, aimd; --policy to choose)"
     )
     speed = scenario.speed
     scaled = live_settings(speed)

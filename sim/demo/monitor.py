@@ -43,6 +43,8 @@ class Sample:
     paused: int | None = None
     queued: int | None = None
     pressure: float | None = None
+    decision: str | None = None
+    """concur's last decision (``open``: the engine-aware law lifted its limit)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +135,7 @@ class Monitor:
                 paused=status.get("paused"),
                 queued=status.get("queued"),
                 pressure=status.get("pressure"),
+                decision=status.get("decision"),
             )
         )
         self._prev = sig

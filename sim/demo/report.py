@@ -25,7 +25,6 @@ __all__ = [
     "ideal_prefill_tokens",
     "print_table",
     "write_json",
-    "write_plot",
 ]
 
 # Counter names on concur engine's /metrics (vLLM's, plus the engine's own extras).
@@ -189,67 +188,3 @@ def print_table(direct: RunRecord, controlled: RunRecord, title: str) -> None:
 def write_json(path: Path, meta: dict[str, Any], runs: Sequence[RunRecord]) -> None:
     data = {"meta": meta, "runs": {r.label: r.to_dict() for r in runs}}
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def _series(samples: Sequence[Sample], name: str) -> tuple[list[float], list[float]]:
-    xs: list[float] = []
-    ys: list[float] = []
-    for s in samples:
-        v = getattr(s, name)
-        if v is not None:
-            xs.append(s.t)
-            ys.append(float(v))
-    return xs, ys
-
-
-def write_plot(path: Path, direct: RunRecord, controlled: RunRecord, title: str) -> bool:
-    """KV usage, hit rate, and window / live agents over simulated time, both runs.
-
-    Returns False (and writes nothing) when matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    colors = {direct.label: "tab:red", controlled.label: "tab:blue"}
-    for run in (direct, controlled):
-        color = colors[run.label]
-        axes[0].plot(*_series(run.samples, "kv_usage"), color=color, label=run.label)
-        axes[1].plot(*_series(run.samples, "hit_rate"), color=color, label=run.label)
-        axes[2].plot(
-            *_series(run.samples, "running"),
-            color=color,
-            alpha=0.5,
-            linestyle=":",
-            label=f"{run.label}: requests running in the engine",
-        )
-    axes[2].step(
-        *_series(controlled.samples, "window"),
-        where="post",
-        color="tab:blue",
-        label=f"{controlled.label}: window",
-    )
-    axes[2].plot(
-        *_series(controlled.samples, "live"),
-        color="tab:green",
-        label=f"{controlled.label}: live agents",
-    )
-    axes[0].set_ylabel("KV cache usage")
-    axes[0].set_ylim(0, 1.05)
-    axes[1].set_ylabel("prefix-cache hit rate")
-    axes[1].set_ylim(0, 1.05)
-    axes[2].set_ylabel("agents / requests")
-    axes[2].set_xlabel("simulated seconds")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

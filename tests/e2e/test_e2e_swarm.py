@@ -20,7 +20,7 @@ KV_TOKENS = 24_000
 def crowded_trace() -> Trace:
     """12 agents at once whose contexts (2-6k tokens each) outgrow 24k tokens of KV twice."""
     return generate(
-        "small",
+        "tiny",
         3,
         agents=12,
         steps=(4, 6),

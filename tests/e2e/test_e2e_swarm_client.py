@@ -105,7 +105,7 @@ async def recorder() -> AsyncIterator[Recorder]:
 
 
 def small_trace(agents: int = 4) -> Trace:
-    return generate("small", 1, agents=agents)
+    return generate("tiny", 1, agents=agents)
 
 
 def options(url: str, **kw: Any) -> SwarmOptions:

@@ -76,11 +76,24 @@ def test_chat_shape_is_poisson_at_two_per_second() -> None:
     assert len(default.agents) == 120
 
 
-def test_small_shape() -> None:
+def test_small_shape_outgrows_the_default_engines_cache() -> None:
+    # concur sim's default engine: Qwen3-32B on 2 x H100, 320,592 tokens of KV cache.
     trace = generate("small", seed=0)
+    assert len(trace.agents) == 24
+    assert all(4 <= len(a.steps) <= 8 for a in trace.agents)
+    assert trace.total_steps < 200
+    assert max(a.arrival_s for a in trace.agents) <= 10.0
+    finals = [a.max_context_tokens for a in trace.agents]
+    assert max(finals) < 40_000  # each agent fits the cache many times over ...
+    assert sum(finals) > 1.5 * 320_592  # ... all of them together do not
+
+
+def test_tiny_shape() -> None:
+    trace = generate("tiny", seed=0)
     assert len(trace.agents) == 8
     assert all(2 <= len(a.steps) <= 4 for a in trace.agents)
     assert trace.total_steps < 40
+    assert max(a.max_context_tokens for a in trace.agents) < 1500
 
 
 def test_overrides_replace_shape_fields() -> None:
@@ -106,7 +119,7 @@ def test_unknown_shape_lists_known_shapes() -> None:
         generate("swarm", seed=1)
     message = str(info.value)
     assert "unknown trace shape 'swarm'" in message
-    for name in ("chat", "small", "swe-swarm", "swe-swarm-staggered"):
+    for name in ("chat", "small", "swe-swarm", "swe-swarm-staggered", "tiny"):
         assert name in message
 
 

@@ -32,7 +32,7 @@ def test_an_unknown_preset_names_the_known_ones() -> None:
 
 
 def test_the_serving_overhead_delays_every_request_of_an_agent() -> None:
-    trace = generate("small", 1, agents=1, steps=(4, 4))
+    trace = generate("tiny", 1, agents=1, steps=(4, 4))
     spec = EngineSpec.from_preset("cpu-tiny")
     steps = len(trace.agents[0].steps)
 

@@ -231,7 +231,7 @@ async def test_a_swarm_that_overflows_the_cache_is_held_and_frees_every_slot(
     # 6 agents whose contexts grow to ~2,600-3,400 tokens each: together ~2.2x the
     # 8,192-token cache, so the default policy must keep some of them waiting.
     trace = generate(
-        "small",
+        "tiny",
         3,
         agents=6,
         steps=(3, 3),

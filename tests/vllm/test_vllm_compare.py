@@ -21,8 +21,8 @@ SPEC = EngineSpec(model="llama-3-8b", gpu="h100", tp=1, kv_capacity_tokens=16 * 
 
 
 def test_compare_engines_puts_both_engines_side_by_side() -> None:
-    trace = generate("small", 1)
-    cmp = compare_engines(trace, "small", ["unlimited", "static:2"], SPEC, workers=1)
+    trace = generate("tiny", 1)
+    cmp = compare_engines(trace, "tiny", ["unlimited", "static:2"], SPEC, workers=1)
     assert [r.policy for r in cmp.rows] == ["unlimited", "static:2"]
     for row in cmp.rows:
         assert row.builtin.engine == "builtin" and row.vllm.engine == "vllm"
@@ -46,7 +46,7 @@ def test_compare_engines_command_writes_reports(tmp_path: Path) -> None:
         [
             "compare-engines",
             "--shape",
-            "small",
+            "tiny",
             "--seed",
             "2",
             "--model",

@@ -161,7 +161,7 @@ def test_signal_matches_the_schedulers_own_counters(make_engine: Callable[..., A
 
 
 def _run_small(engine: Any, policy: str) -> dict[str, Any]:
-    runner = Runner(generate("small", 3), engine, build_policy(policy, PolicySettings()))
+    runner = Runner(generate("tiny", 3), engine, build_policy(policy, PolicySettings()))
     return runner.run().summary.to_dict()
 
 
