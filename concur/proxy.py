@@ -49,7 +49,13 @@ from concur.admission import (
 from concur.deadlines import Deadlines, SendWatch, UpstreamTimer
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
 from concur.metrics import ConcurMetrics
-from concur.upstream import InvalidRequestHead, Upstream, UpstreamError, UpstreamResponse
+from concur.upstream import (
+    Framing,
+    InvalidRequestHead,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+)
 from concur.usage import (
     SSEUsage,
     encode_with_include_usage,
@@ -118,6 +124,8 @@ class ProxyOptions:
     gated_paths: frozenset[str] = field(default=GATED_PATHS)
     ssl_context: ssl.SSLContext | None = None
     """TLS for an https upstream (None: the system's CAs)."""
+    framing: Framing = "builtin"
+    """The upstream client's response parser (``upstream.framing``)."""
 
 
 def openai_error(
@@ -225,6 +233,7 @@ def make_upstream(options: ProxyOptions) -> Upstream:
         connect_timeout=options.connect_timeout,
         keepalive=4.0,
         ssl_context=options.ssl_context,
+        framing=options.framing,
     )
 
 
