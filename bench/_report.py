@@ -185,3 +185,37 @@ def check_queued(agents: int, queued: int, before_mib: float, after_mib: float) 
         f"{1000 * grown_mb / max(1, queued):.1f} kB/agent) = "
         f"{grown_mb / MAX_QUEUED_RSS_MB:.2f}x the {MAX_QUEUED_RSS_MB:.0f} MB budget"
     )
+
+
+def _side(ratios: Sequence[float], lower: str, higher: str) -> str:
+    """Which side every repeat agrees on: ``lower`` when each ratio is below 1, ``higher``
+    when each is above, else neither (the difference is within the run-to-run spread)."""
+    xs = [x for x in ratios if not math.isnan(x)]
+    if len(xs) > 1 and max(xs) < 1.0:
+        return lower
+    if len(xs) > 1 and min(xs) > 1.0:
+        return higher
+    return "within the spread"
+
+
+def compare_paths(cases: Cases, path: str, base: str, counts: Sequence[int]) -> list[str]:
+    """One line per client count: ``path`` against ``base`` (two concur builds or framers)
+    on the same repeats. CPU per stream and throughput are per-repeat ratios (path over
+    base), shown as their median and range; the verdict names the cheaper (or faster)
+    one only when every repeat agrees, i.e. when it wins by more than the spread."""
+    out: list[str] = []
+    for n in counts:
+        p, b = cases.get((path, n)), cases.get((base, n))
+        if not p or not b:
+            continue
+        cpus = [
+            (pi.cpu_per_stream_ms() or math.nan) / (bi.cpu_per_stream_ms() or math.nan)
+            for pi, bi in zip(p, b, strict=False)
+        ]
+        rates = [pi.rate / bi.rate if bi.rate else math.nan for pi, bi in zip(p, b, strict=False)]
+        out.append(
+            f"{n} clients, {path} / {base}: CPU per stream {median(cpus):.3f}x{_spread(cpus)} "
+            f"[cheaper: {_side(cpus, path, base)}]; throughput {median(rates):.3f}x"
+            f"{_spread(rates)} [faster: {_side(rates, base, path)}]"
+        )
+    return out

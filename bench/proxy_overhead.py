@@ -2,19 +2,31 @@
 
     .venv/bin/python bench/proxy_overhead.py [--clients 1,64,256] [--duration 1.5]
         [--repeats 4] [--queued 1000] [--litellm /tmp/litellm-venv/bin/litellm]
+        [--framers httptools,aiohttp] [--baseline-python /tmp/before/.venv/bin/python]
         [--profile-concur out.prof]
 
 One run starts, each in its own process on loopback: a fast fake upstream
 (``_fast_upstream.py``: 16 SSE chunks + usage + [DONE], no delay), ``concur serve``
-twice (``--policy unlimited``, and the default ``aimd`` with a window of 1024 so no
+(``--policy unlimited`` with each response framer, ``upstream.framing``: its own
+parser as ``concur (unlimited)``, and ``concur (httptools)`` and
+``concur (aiohttp parser)``; and the default ``aimd`` with a window of 1024 so no
 client queues), the bare pass-through (``_bare_proxy.py``) with aiohttp and with
-httpx as its upstream client, and, with ``--litellm``, LiteLLM's proxy (one worker).
+httpx as its upstream client, with ``--baseline-python`` another build of concur
+(``concur (before)``: that interpreter's ``python -m concur``, e.g. a venv with the
+previous commit installed), and, with ``--litellm``, LiteLLM's proxy (one worker).
 This process is the load (``_load.py``): N streaming clients, the same client for
 every path, each with its own agent id. Per path and client count it reports time
 to first byte (p50, p99), streams per second and the proxy's CPU and RSS (from
 /proc), then checks issue 3's targets as ratios measured side by side
-(``_report.py``), and last what 1,000 queued agents held open cost concur in RSS
-(``--policy static:1``: one agent holds the only slot, 1,000 new agents wait).
+(``_report.py``), then each framer (and the baseline build) against concur's own
+parser as per-repeat ratios of CPU per stream and throughput, naming a winner only
+when every repeat agrees, and last what 1,000 queued agents held open cost concur in
+RSS (``--policy static:1``: one agent holds the only slot, 1,000 new agents wait).
+
+A baseline build, e.g. the commit before a change, in a venv of its own:
+
+    mkdir /tmp/before && git archive COMMIT | tar -x -C /tmp/before
+    python3 -m venv /tmp/before/.venv && /tmp/before/.venv/bin/pip install -q /tmp/before
 
 Client, upstream and proxy share this machine's cores, which is why the bare
 pass-through, not the direct path, is the floor to compare with. Every repeat runs
@@ -40,11 +52,24 @@ from pathlib import Path
 
 from _load import AGENT_HEADER, API_KEY, CHAT_PATH, JSON_HEADERS, LoadClient, run_case
 from _proc import Proc, free_port, loadavg, machine
-from _report import Cases, aggregate, check_queued, check_targets, cpu_table, markdown_table
+from _report import (
+    Cases,
+    aggregate,
+    check_queued,
+    check_targets,
+    compare_paths,
+    cpu_table,
+    markdown_table,
+)
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 BARE = "bare aiohttp"
+OWN = "concur (unlimited)"
+"""concur with its own response parser: what each framer and the baseline are held against."""
+FRAMED = {"httptools": "concur (httptools)", "aiohttp": "concur (aiohttp parser)"}
+"""The path of concur (unlimited) with each other ``upstream.framing``."""
+BEFORE = "concur (before)"
 
 
 @dataclass
@@ -81,17 +106,28 @@ def bare_proc(upstream: str, client: str, logs: Path) -> Proc:
 
 
 def concur_proc(
-    name: str, upstream: str, policy: str, logs: Path, extra: Sequence[str] = (), profile: str = ""
+    name: str,
+    upstream: str,
+    policy: str,
+    logs: Path,
+    extra: Sequence[str] = (),
+    profile: str = "",
+    python: str = PY,
+    tag: str = "",
 ) -> Proc:
+    """``concur serve`` (``python -m concur``); ``tag`` tells its log from another's."""
     port = free_port()
-    head = [PY, str(HERE / "_profiled.py"), profile, "concur"] if profile else [PY, "-m", "concur"]
+    if profile:
+        head = [python, str(HERE / "_profiled.py"), profile, "concur"]
+    else:
+        head = [python, "-m", "concur"]
     listen = f"127.0.0.1:{port}"
     return Proc(
         name,
         [*head, "serve", "--upstream", upstream, "--listen", listen, "--policy", policy, *extra],
         f"http://{listen}",
         ready_path="/readyz",
-        log_path=logs / f"concur-{policy.replace(':', '-')}.log",
+        log_path=logs / f"concur-{policy.replace(':', '-')}{tag}.log",
         env={"PROFILE_ON_SIGNAL": "1"} if profile else None,
         profiled=bool(profile),
     )
@@ -183,8 +219,16 @@ def print_profile(path: str, top: int) -> None:
 async def start_paths(args: argparse.Namespace, upstream: Proc, logs: Path) -> list[Target]:
     """Start the proxies under test; the paths to measure, direct first."""
     up = upstream.url
-    procs = [
-        concur_proc("concur (unlimited)", up, "unlimited", logs, profile=args.profile_concur or ""),
+    procs = [concur_proc(OWN, up, "unlimited", logs, profile=args.profile_concur or "")]
+    for f in args.framers:
+        framing = ["--set", f"upstream.framing={f}"]
+        procs.append(concur_proc(FRAMED[f], up, "unlimited", logs, extra=framing, tag=f"-{f}"))
+    if args.baseline_python:
+        before = concur_proc(
+            BEFORE, up, "unlimited", logs, python=args.baseline_python, tag="-before"
+        )
+        procs.append(before)
+    procs += [
         concur_proc(
             "concur (aimd)", up, "aimd", logs, extra=["--set", "policy.aimd.initial_window=1024"]
         ),
@@ -227,7 +271,7 @@ async def measure(args: argparse.Namespace, logs: Path) -> int:
                     )
                     cases.setdefault((t.name, n), []).append(s)
                     print(
-                        f"  {n:>4} clients  {t.name:<20} p50 {s.pct(0.5):8.2f} ms  "
+                        f"  {n:>4} clients  {t.name:<24} p50 {s.pct(0.5):8.2f} ms  "
                         f"p99 {s.pct(0.99):8.2f} ms  {s.rate:6.0f} streams/s  errors {s.errors}",
                         flush=True,
                     )
@@ -237,6 +281,12 @@ async def measure(args: argparse.Namespace, logs: Path) -> int:
         print(markdown_table(rows))
         print("\nCPU per stream spent by the client and the upstream:\n")
         print(cpu_table(rows))
+        names = {t.name for t in targets}
+        others = [p for p in [*FRAMED.values(), BEFORE] if p in names and OWN in names]
+        if others:
+            print(f"\n### Framing (issue 17): against {OWN}, concur's own parser\n")
+            for path in others:
+                print("\n".join(compare_paths(cases, path, OWN, args.clients)))
         print("\n### Targets (issue 3)\n")
         verdicts: list[str] = []
         for t in targets:
@@ -272,6 +322,14 @@ def _clients(text: str) -> list[int]:
     return values
 
 
+def _framers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in FRAMED]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown}: the framers are {', '.join(FRAMED)}")
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=_clients, default=[1, 64, 256], help="e.g. 1,64,256")
@@ -282,6 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
     ap.add_argument("--queued", type=int, default=1000, help="agents to queue (0: skip)")
     ap.add_argument("--litellm", metavar="PATH", help="LiteLLM's `litellm` binary: add it")
+    ap.add_argument(
+        "--framers",
+        type=_framers,
+        default=list(FRAMED),
+        help="other upstream.framing values to run concur (unlimited) with "
+        f"(default {','.join(FRAMED)}; '' for none)",
+    )
+    ap.add_argument(
+        "--baseline-python",
+        metavar="PYTHON",
+        help=f"an interpreter whose `-m concur` is another build: add it as {BEFORE!r}",
+    )
     ap.add_argument(
         "--only", action="append", metavar="PATH", help="measure only this path (and direct)"
     )

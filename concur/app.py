@@ -79,6 +79,7 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         anonymous=adm.anonymous,
         done_header=adm.done_header,
         ssl_context=tls_context(up.ca_file),
+        framing=up.framing,
     )
 
 

@@ -1,8 +1,8 @@
 """The engine poller: keeps the latest good engine signal fresh.
 
 A :class:`Poller` is a background asyncio task that GETs the engine's state
-page every ``poll_interval`` seconds (paced by asyncio-throttle's ``Throttler``,
-so polls *start* at that rate however long each takes), parses it with the
+page every ``poll_interval`` seconds (it sleeps until the next poll is due, so
+polls *start* at that rate however long each takes), parses it with the
 engine's adapter and keeps the latest good :class:`EngineSignal`. It never
 crashes on what the engine answers: refused connections, timeouts, 5xx pages
 and garbage all become :attr:`Poller.last_error`, the previous good signal is
@@ -28,10 +28,8 @@ import math
 import ssl
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 import httpx
-from asyncio_throttle.throttler import Throttler
 
 from concur import logs
 from concur.adapters.errors import AdapterError
@@ -132,11 +130,6 @@ class Poller:
         return self._last_error
 
     @property
-    def consecutive_failures(self) -> int:
-        """Polls failed in a row since the last success."""
-        return self._failures
-
-    @property
     def state(self) -> PollState:
         """Starting, ok or failing (by the last poll)."""
         return self._state
@@ -206,32 +199,15 @@ class Poller:
         if self._owns_client:
             await self._client.aclose()
 
-    async def __aenter__(self) -> Poller:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     async def _run(self) -> None:
-        # The throttler guarantees at most one poll start per poll_interval. Its
-        # acquire() re-checks every retry_interval while the slot is taken, so the loop
-        # sleeps until the slot opens instead of leaving that to the throttler: one
-        # timer wake-up per poll when idle, not one per retry_interval (a 10 ms retry
-        # cost an idle proxy ~3% of a core). The retry is a fraction of the interval for
-        # the rare wake-up a hair early (asyncio may run a timer up to its clock
-        # resolution before it is due).
+        # One timer wake-up per poll: sleep until the next poll is due, poll_interval
+        # after the last one started (at most one start per interval, however long a
+        # poll takes), or for the backoff while polls fail. asyncio-throttle's Throttler
+        # re-checks its slot every retry_interval instead (10 ms: ~1% of a core idle).
         interval = self.poll_interval
-        throttler = Throttler(rate_limit=1, period=interval, retry_interval=interval / 16)
         loop = asyncio.get_running_loop()
         while True:
-            async with throttler:
-                started = loop.time()
+            started = loop.time()
             await self.poll_once()
             if self._failures:
                 await asyncio.sleep(self.next_delay())

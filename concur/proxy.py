@@ -50,7 +50,13 @@ from concur.config import UpstreamSettings
 from concur.deadlines import Deadlines, SendWatch, UpstreamTimer
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentityExtractor
 from concur.metrics import ConcurMetrics
-from concur.upstream import InvalidRequestHead, Upstream, UpstreamError, UpstreamResponse
+from concur.upstream import (
+    Framing,
+    InvalidRequestHead,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+)
 from concur.usage import (
     SSEUsage,
     encode_with_include_usage,
@@ -120,6 +126,8 @@ class ProxyOptions:
     gated_paths: frozenset[str] = field(default=GATED_PATHS)
     ssl_context: ssl.SSLContext | None = None
     """TLS for an https upstream (None: the system's CAs)."""
+    framing: Framing = "builtin"
+    """The upstream client's response parser (``upstream.framing``)."""
 
 
 def openai_error(
@@ -227,6 +235,7 @@ def make_upstream(options: ProxyOptions) -> Upstream:
         connect_timeout=options.connect_timeout,
         keepalive=4.0,
         ssl_context=options.ssl_context,
+        framing=options.framing,
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from _load import Sample
-from _report import check_queued, check_targets
+from _report import check_queued, check_targets, compare_paths
 
 
 def sample(target: str, clients: int, p50_ms: float, rate: float) -> Sample:
@@ -89,3 +89,46 @@ def test_queued_agents_budget_and_every_agent_must_be_queued() -> None:
     assert check_queued(1000, 1000, 75 * mib, 90 * mib).startswith("[PASS]")
     assert check_queued(1000, 1000, 75 * mib, 180 * mib).startswith("[FAIL]")
     assert check_queued(1000, 999, 75 * mib, 80 * mib).startswith("[FAIL]")
+
+
+def _repeats(path: str, cpu_ms: list[float], rates: list[float]) -> list[Sample]:
+    """Repeats of one path at 64 clients: each with its CPU per stream and streams/s."""
+    return [
+        Sample(
+            target=path,
+            clients=64,
+            window=1.0,
+            ttfbs=[0.01],
+            completed=int(rate),
+            errors=0,
+            proxy_cpu=cpu * rate / 1000.0,
+            proxy_rss=50.0,
+            upstream_cpu=0.1,
+            client_cpu=0.1,
+        )
+        for cpu, rate in zip(cpu_ms, rates, strict=True)
+    ]
+
+
+def test_a_path_wins_only_when_every_repeat_agrees() -> None:
+    base = _repeats("builtin", [1.0, 1.0, 1.0], [1000, 1000, 1000])
+    cheaper = _repeats("other", [0.9, 0.95, 0.8], [1100, 1000, 900])
+    (line,) = compare_paths(
+        {("other", 64): cheaper, ("builtin", 64): base}, "other", "builtin", [1, 64]
+    )
+    assert "CPU per stream 0.900x; per repeat 0.80-0.95x [cheaper: other]" in line
+    # Throughput: 1.1x, 1.0x, 0.9x: no repeat-wide winner.
+    assert "throughput 1.000x; per repeat 0.90-1.10x [faster: within the spread]" in line
+
+    dearer = _repeats("other", [1.2, 0.99, 1.1], [900, 950, 990])
+    (line,) = compare_paths(
+        {("other", 64): dearer, ("builtin", 64): base}, "other", "builtin", [64]
+    )
+    assert "[cheaper: within the spread]" in line  # one repeat went the other way
+    assert "[faster: builtin]" in line
+
+    # One repeat shows no spread, so it names no winner.
+    (line,) = compare_paths(
+        {("other", 64): cheaper[:1], ("builtin", 64): base[:1]}, "other", "builtin", [64]
+    )
+    assert "[cheaper: within the spread]" in line and "per repeat" not in line

@@ -118,7 +118,7 @@ async def test_poll_once_ok(engine: Engine, log_name: str) -> None:
     assert (signal.kv_usage, signal.running, signal.waiting) == (0.8125, 12, 4)
     assert poller.last_error is None
     assert poller.state is PollState.OK
-    assert poller.consecutive_failures == 0
+    assert poller.next_delay() == poller.poll_interval  # no failure to back off from
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ async def test_bad_answers_keep_the_last_good_signal(
         assert await poller.poll_once() is None
     assert poller.signal is good
     assert poller.taken_at == 10.0
-    assert poller.consecutive_failures == 1
+    assert poller.next_delay() == 2 * poller.poll_interval  # one failure
     assert poller.state is PollState.FAILING
     assert poller.last_error is not None
     assert poller.last_error.startswith(f"GET {engine.url}/metrics")
@@ -191,7 +191,7 @@ async def test_connection_refused() -> None:
         await poller.stop()
     assert poller.last_error is not None
     assert "cannot connect" in poller.last_error
-    assert poller.consecutive_failures == 2
+    assert poller.next_delay() == 4 * poller.poll_interval  # two failures
     assert poller.signal is None
     assert poller.is_stale()
 
@@ -202,12 +202,12 @@ async def test_recovery_clears_the_error(engine: Engine) -> None:
     try:
         await poller.poll_once()
         await poller.poll_once()
-        assert poller.consecutive_failures == 2
+        assert poller.next_delay() == 4 * poller.poll_interval  # two failures
         engine.mode = "ok"
         assert await poller.poll_once() is not None
     finally:
         await poller.stop()
-    assert poller.consecutive_failures == 0
+    assert poller.next_delay() == poller.poll_interval
     assert poller.last_error is None
     assert poller.state is PollState.OK
 
@@ -296,7 +296,8 @@ async def test_failing_from_the_start_warns_once(caplog: pytest.LogCaptureFixtur
 
 async def test_background_loop_polls_backs_off_and_recovers(engine: Engine) -> None:
     poller = Poller(engine.url, VLLM, poll_interval=0.05, max_backoff=0.4, timeout=1.0)
-    async with poller:
+    poller.start()
+    try:
         assert poller.running
         await wait_for(lambda: poller.signal is not None)
         start = engine.requests
@@ -305,7 +306,7 @@ async def test_background_loop_polls_backs_off_and_recovers(engine: Engine) -> N
         assert 5 <= healthy <= 12, healthy  # about one poll every 50 ms
 
         engine.mode = "error"
-        await wait_for(lambda: poller.consecutive_failures >= 3)
+        await wait_for(lambda: poller.next_delay() >= 0.4)  # three failures or more
         start = engine.requests
         await asyncio.sleep(0.5)
         failing = engine.requests - start
@@ -314,6 +315,8 @@ async def test_background_loop_polls_backs_off_and_recovers(engine: Engine) -> N
         engine.mode = "ok"
         await wait_for(lambda: poller.state is PollState.OK, within=2.0)
         assert poller.last_error is None
+    finally:
+        await poller.stop()
     assert not poller.running
     after_stop = engine.requests
     await asyncio.sleep(0.2)
@@ -322,15 +325,18 @@ async def test_background_loop_polls_backs_off_and_recovers(engine: Engine) -> N
 
 async def test_loop_survives_garbage_and_timeouts(engine: Engine) -> None:
     poller = Poller(engine.url, VLLM, poll_interval=0.02, max_backoff=0.05, timeout=0.1)
-    async with poller:
+    poller.start()
+    try:
         engine.mode = "garbage"
-        await wait_for(lambda: poller.consecutive_failures >= 2)
+        await wait_for(lambda: poller.next_delay() >= 0.05)  # two failures or more
         engine.mode = "slow"
         await wait_for(lambda: "timed out" in (poller.last_error or ""))
         engine.mode = "ok"
         engine.release.set()
         await wait_for(lambda: poller.state is PollState.OK)
         assert poller.running
+    finally:
+        await poller.stop()
 
 
 async def test_a_crashing_parser_does_not_kill_the_loop(engine: Engine) -> None:
@@ -343,9 +349,12 @@ async def test_a_crashing_parser_does_not_kill_the_loop(engine: Engine) -> None:
 
     adapter = Adapter("vllm", "/metrics", broken, "broken")
     poller = Poller(engine.url, adapter, poll_interval=0.02, max_backoff=0.05)
-    async with poller:
+    poller.start()
+    try:
         await wait_for(lambda: calls >= 3)
         assert poller.running
+    finally:
+        await poller.stop()
     assert poller.last_error is not None
     assert "unexpected RuntimeError: parser bug" in poller.last_error
 

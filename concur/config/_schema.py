@@ -55,6 +55,9 @@ class UpstreamSettings(_Section):
     ca_file: str | None = None
     """PEM file of CA certificates to trust, besides the system's, for an https engine
     (its OpenAI server and metrics URL)."""
+    framing: Literal["builtin", "httptools", "aiohttp"] = "builtin"
+    """Parser of the engine's responses: concur's own (builtin), llhttp through
+    httptools, or aiohttp's C parser."""
 
     @field_validator("url")
     @classmethod
