@@ -31,13 +31,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-from concur.policies.growth import GrowthEstimator
+from typing import Protocol
 
 Clock = Callable[[], float]
 
 _context_tokens = operator.attrgetter("context_tokens")
 _priority = operator.attrgetter("priority")
+_requests = operator.attrgetter("requests")
 
 
 class AdmissionError(Exception):
@@ -91,8 +91,6 @@ class Agent:
     requests: int = 0
     in_flight: int = 0
     ending: bool = False
-    last_usage: int | None = None
-    """Context size reported by the agent's previous response (for growth per step)."""
     last_done: float | None = None
     """When its last request finished, until its next one comes (its tool call's start)."""
     admitted_at: float | None = None
@@ -177,9 +175,9 @@ class GateView:
     queued: int
     held: int
     live_tokens: int
-    growth_tokens: float
-    step_growth_tokens: float
     live_contexts_newest_first: tuple[int, ...]
+    live_steps_newest_first: tuple[int, ...]
+    """Requests each live agent has finished, in the order of the contexts above."""
     candidate_contexts: tuple[int, ...]
     pace: Pace = Pace()
 
@@ -187,6 +185,18 @@ class GateView:
     def active(self) -> int:
         """Admitted agents, live or paused."""
         return self.live + self.paused
+
+
+class GateObserver(Protocol):
+    """What the gate tells of the agents' progress beyond its :class:`GateEvent`: the
+    facts a feature learned on the policy side needs (see ``concur._features``)."""
+
+    def step_finished(self, agent: Agent, usage_tokens: int) -> None:
+        """A granted request of ``agent`` finished with its context at ``usage_tokens``;
+        ``agent.requests`` counts it already."""
+
+    def agent_ended(self, agent: Agent, reason: str) -> None:
+        """An admitted ``agent`` ended (``reason`` as in the ``ended`` event)."""
 
 
 class AdmissionGate:
@@ -211,7 +221,8 @@ class AdmissionGate:
         self.hold_requests = False
         self.admit_new = True
         """False: queued agents wait whatever the window (see :meth:`apply`)."""
-        self.growth = GrowthEstimator()
+        self.observer: GateObserver | None = None
+        """Told of finished steps and ended agents (set by the policy side's features)."""
         self._seq = itertools.count()
         self._admitted: dict[str, Agent] = {}
         self._queue: dict[str, Agent] = {}
@@ -265,21 +276,10 @@ class AdmissionGate:
 
     def view(self) -> GateView:
         live_state = AgentState.LIVE
-        # remaining_growth(n) for every live agent, with the estimator's means read once.
-        expected = self.growth.expected_steps
-        per_step = self.growth.growth_per_step
         admitted = list(reversed(self._admitted.values()))
-        live_ctx = [a.context_tokens for a in admitted if a.state is live_state]
-        growth = 0.0
-        if per_step:  # else every term is 0.0 (a remainder >= 0 times 0.0)
-            for agent in admitted:
-                if agent.state is live_state:
-                    # max(0.0, remaining) * per_step, summed in the same order;
-                    # zero terms add exactly nothing (growth >= 0), so skip them.
-                    remaining = expected - agent.requests
-                    if remaining > 0.0:
-                        growth += remaining * per_step
-        if len(live_ctx) == len(admitted):
+        live = [a for a in admitted if a.state is live_state]
+        live_ctx = list(map(_context_tokens, live))
+        if len(live) == len(admitted):
             candidates: list[int] = []
         else:
             candidates = [a.context_tokens for a in admitted if a.state is not live_state]
@@ -292,9 +292,8 @@ class AdmissionGate:
             queued=len(self._queue),
             held=len(self._held),
             live_tokens=sum(live_ctx),
-            growth_tokens=growth,
-            step_growth_tokens=per_step,
             live_contexts_newest_first=tuple(live_ctx),
+            live_steps_newest_first=tuple(map(_requests, live)),
             candidate_contexts=tuple(candidates),
             pace=self.pace(),
         )
@@ -394,9 +393,8 @@ class AdmissionGate:
         if agent.in_flight == 0:
             agent.last_done = now
         if ticket.usage_tokens is not None:
-            if agent.last_usage is not None:
-                self.growth.observe_step(ticket.usage_tokens - agent.last_usage, agent.requests)
-            agent.last_usage = ticket.usage_tokens
+            if self.observer is not None:
+                self.observer.step_finished(agent, ticket.usage_tokens)
             agent.context_tokens = ticket.usage_tokens
         if ticket.done:
             agent.ending = True
@@ -748,8 +746,8 @@ class AdmissionGate:
                 self._live -= 1
             else:
                 self._paused -= 1
-            if reason in ("done", "idle"):  # how long agents run, not how they are cut short
-                self.growth.observe_end(agent.requests)
+            if self.observer is not None:
+                self.observer.agent_ended(agent, reason)
         pending = list(agent.pending)
         agent.pending.clear()
         held = [t for t in self._held if t.agent_id == agent.agent_id]

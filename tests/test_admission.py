@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from concur._features import GrowthFeatures
 from concur.admission import (
     AdmissionGate,
     AgentEnded,
@@ -231,6 +232,7 @@ def test_request_level_holding_epp() -> None:
 
 def test_usage_tracks_context_and_growth() -> None:
     gate, _ = make_gate(4)
+    gate.observer = growth = GrowthFeatures()  # what the controller attaches
     t = run(gate, "a", context_tokens=1000)
     assert gate.view().live_tokens == 1000
     t.usage_tokens = 1300
@@ -241,7 +243,7 @@ def test_usage_tracks_context_and_growth() -> None:
     view = gate.view()
     assert view.live_tokens == 2300
     # Growth is measured between consecutive responses: 2300 - 1300.
-    assert gate.growth.growth_per_step == pytest.approx(1000)
+    assert growth.estimator.growth_per_step == pytest.approx(1000)
 
 
 async def test_acquire_waits_then_times_out_with_429_info() -> None:
@@ -440,6 +442,7 @@ def test_a_paused_agents_last_step_given_up_ends_the_agent() -> None:
 
 def test_only_agents_that_ran_their_course_teach_the_growth_estimator() -> None:
     gate, clock = make_gate(None, idle_timeout=1.0)
+    gate.observer = growth = GrowthFeatures()  # what the controller attaches
     for agent, steps in (("done", 9), ("idle", 7)):
         for i in range(steps):
             gate.finish(run(gate, agent, done=agent == "done" and i == steps - 1))
@@ -449,7 +452,7 @@ def test_only_agents_that_ran_their_course_teach_the_growth_estimator() -> None:
     assert gate.reap() == []
     clock.now = 2.0
     assert gate.reap() == ["idle"]
-    assert gate.growth.expected_steps == 8.0  # (9 + 7) / 2
+    assert growth.estimator.expected_steps == 8.0  # (9 + 7) / 2
 
 
 @pytest.mark.parametrize("path", ["done_first", "done_last", "granted", "held"])
