@@ -1,10 +1,13 @@
 """The admission gate: which agents may run now, and who waits.
 
 One gate serves the proxy (on ``time.monotonic``) and the simulator (on a
-virtual clock). Its core is synchronous and sans-IO: :meth:`AdmissionGate.submit`
+virtual clock). It is synchronous and sans-IO: :meth:`AdmissionGate.submit`
 returns a :class:`Ticket` that is granted at once or later, through a callback.
-:meth:`AdmissionGate.acquire` and :meth:`AdmissionGate.permit` wrap that core in
-asyncio for the proxy; the simulator calls the core directly.
+The proxy waits for it with a :class:`concur.Permit` (``concur._admit``), the
+simulator schedules on the callback. What the policy side learns from the agents'
+progress (their context growth, see ``concur._features``) it learns through a
+:class:`GateObserver`; the gate itself keeps the agent table, the window, the queue
+and the requests' timing (:class:`Pace`).
 
 Agents move through three states:
 
@@ -23,12 +26,10 @@ agents end, ``active == 0`` and ``queued == 0``.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import operator
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -520,26 +521,14 @@ class AdmissionGate:
             self._end(agent, now, "idle")
         return [a.agent_id for a in idle]
 
-    def expire(self) -> list[Ticket]:
-        """Reject waiting tickets older than ``max_queue_wait`` (virtual-time callers)."""
-        if self.max_queue_wait is None:
-            return []
+    def timed_out(self, ticket: Ticket) -> QueueTimeout:
+        """The caller waited ``max_queue_wait`` for ``ticket`` and gives up: the ticket is
+        abandoned and a ``timeout`` event emitted; returns the error to answer with."""
+        self.abandon(ticket)
         now = self._clock()
-        late = [
-            t
-            for a in list(self._queue.values())
-            for t in a.pending
-            if now - t.created_at >= self.max_queue_wait
-        ]
-        late.extend(t for t in self._held if now - t.created_at >= self.max_queue_wait)
-        for ticket in late:
-            self.abandon(ticket)
-            ticket.status = TicketStatus.REJECTED
-            ticket.error = self._timeout_error(now - ticket.created_at)
-            self._emit("timeout", ticket.agent_id, now, now - ticket.created_at)
-            if ticket.on_resolve is not None:
-                ticket.on_resolve(ticket)
-        return late
+        waited = now - ticket.created_at
+        self._emit("timeout", ticket.agent_id, now, waited)
+        return self._timeout_error(waited)
 
     def close(self) -> None:
         """Shut down: refuse new requests and reject everything still waiting."""
@@ -549,96 +538,6 @@ class AdmissionGate:
         for ticket in waiting:
             self.abandon(ticket)
             self._reject(ticket, GateClosed("concur is shutting down; retry"))
-
-    # ----------------------------------------------------------------- async
-
-    async def acquire(
-        self,
-        agent_id: str,
-        *,
-        context_tokens: int = 0,
-        priority: int = 0,
-        done: bool = False,
-    ) -> Ticket:
-        """Wait until the request may go upstream; returns its granted ticket.
-
-        Raises :class:`QueueFull`, :class:`QueueTimeout` (after ``max_queue_wait``
-        in the admission queue), :class:`AgentEnded` or :class:`GateClosed`.
-        Cancellation while waiting leaves no trace in the gate.
-        """
-        ticket = self.submit(agent_id, context_tokens=context_tokens, priority=priority, done=done)
-        if ticket.granted:  # the usual step of an admitted agent: nothing to wait for
-            return ticket
-        return await self.wait(ticket)
-
-    async def wait(self, ticket: Ticket) -> Ticket:
-        """Wait for a ticket that :meth:`submit` left waiting; what :meth:`acquire` does next.
-
-        Raises and cleans up as :meth:`acquire` does. The ticket must not have an
-        ``on_resolve`` callback of its own.
-        """
-        agent_id = ticket.agent_id
-        # Not resolved yet, and nothing can resolve it before this callback is set.
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake(_: Ticket) -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        ticket.on_resolve = wake
-        timeout = self.max_queue_wait if (ticket.new_agent or ticket.held) else None
-        # One timer handle rather than asyncio.wait_for's task machinery: a thousand
-        # queued requests each keep what they wait with.
-        deadline: asyncio.TimerHandle | None = None
-        if timeout is not None:
-
-            def expire() -> None:
-                if not fut.done():
-                    fut.set_exception(TimeoutError())
-
-            deadline = asyncio.get_running_loop().call_later(timeout, expire)
-        try:
-            await fut
-        except TimeoutError:
-            if ticket.granted:
-                return ticket
-            self.abandon(ticket)
-            now = self._clock()
-            self._emit("timeout", agent_id, now, now - ticket.created_at)
-            raise self._timeout_error(now - ticket.created_at) from None
-        except BaseException:
-            self.abandon(ticket)
-            raise
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-        if ticket.status is TicketStatus.REJECTED:
-            assert ticket.error is not None
-            raise ticket.error
-        return ticket
-
-    @asynccontextmanager
-    async def permit(
-        self,
-        agent_id: str,
-        *,
-        context_tokens: int = 0,
-        priority: int = 0,
-        done: bool = False,
-    ) -> AsyncIterator[Ticket]:
-        """``async with gate.permit(agent) as ticket:`` the request runs inside.
-
-        The permit travels with the request and is released on every path,
-        including cancellation. Set ``ticket.usage_tokens`` before leaving to
-        record the agent's context size.
-        """
-        ticket = await self.acquire(
-            agent_id, context_tokens=context_tokens, priority=priority, done=done
-        )
-        try:
-            yield ticket
-        finally:
-            self.finish(ticket)
 
     # -------------------------------------------------------------- internal
 

@@ -43,6 +43,8 @@ from pydantic import ValidationError
 from yarl import URL
 
 from concur import logs
+from concur._errors import openai_error
+from concur._forward import make_upstream
 from concur.adapters.registry import get_adapter
 from concur.adapters.signal import EngineSignal
 from concur.admission import AdmissionGate, GateEvent
@@ -51,7 +53,7 @@ from concur.control import Controller, TickRecord
 from concur.metrics import ConcurMetrics, GaugeValues
 from concur.policies import PolicyError, PolicySettings, build_policy
 from concur.poller import Poller
-from concur.proxy import Proxy, ProxyOptions, make_upstream, openai_error
+from concur.proxy import Proxy, ProxyOptions
 from concur.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("concur.app")
@@ -172,7 +174,10 @@ class Runtime:
     # ----------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.upstream = self.proxy.upstream = make_upstream(self.options)
+        opts = self.options
+        self.upstream = self.proxy.upstream = make_upstream(
+            opts.upstream, opts.connect_timeout, opts.ssl_context
+        )
         self.poller.start()
         self._control_task = asyncio.create_task(self._control_loop(), name="concur-control")
         logs.event(
@@ -482,7 +487,7 @@ async def _probe_upstream(rt: Runtime) -> str | None:
     url = rt.options.upstream.rstrip("/") + "/health"
     try:
         async with asyncio.timeout(min(2.0, rt.options.connect_timeout or 2.0)):
-            status = await rt.proxy.get_status("/health")
+            status = await rt.proxy.forwarder.get_status("/health")
     except TimeoutError:
         return f"upstream {_redact(url)} did not answer in time"
     except UpstreamError as exc:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from concur._admit import Permit
 from concur._features import GrowthFeatures
 from concur.admission import (
     AdmissionGate,
@@ -92,19 +93,6 @@ def test_full_queue_raises_at_once() -> None:
     assert err.value.retry_after is not None
     assert [e.kind for e in events] == ["full"]
     assert gate.queued == 2
-
-
-def test_expire_rejects_waiters_past_max_queue_wait() -> None:
-    gate, clock = make_gate(1, max_queue_wait=10.0)
-    run(gate, "a")
-    late = run(gate, "b")
-    clock.now = 5.0
-    fresh = run(gate, "c")
-    clock.now = 10.0
-    assert gate.expire() == [late]
-    assert late.status is TicketStatus.REJECTED and isinstance(late.error, QueueTimeout)
-    assert fresh.status is TicketStatus.WAITING
-    assert gate.queued == 1
 
 
 def test_idle_reaping_with_a_fake_clock() -> None:
@@ -250,9 +238,9 @@ async def test_acquire_waits_then_times_out_with_429_info() -> None:
     gate = AdmissionGate(
         clock=lambda: asyncio.get_running_loop().time(), window=1, max_queue_wait=0.05
     )
-    first = await gate.acquire("a")
+    first = await Permit(gate, "a").acquire()
     with pytest.raises(QueueTimeout) as err:
-        await gate.acquire("b")
+        await Permit(gate, "b").acquire()
     assert err.value.retry_after is not None
     assert gate.queued == 0
     gate.finish(first)
@@ -260,8 +248,8 @@ async def test_acquire_waits_then_times_out_with_429_info() -> None:
 
 async def test_acquire_is_admitted_when_a_slot_frees() -> None:
     gate = AdmissionGate(clock=lambda: 0.0, window=1)
-    async with gate.permit("a", done=True):
-        waiter = asyncio.create_task(gate.acquire("b"))
+    async with Permit(gate, "a", done=True):
+        waiter = asyncio.create_task(Permit(gate, "b").acquire())
         await asyncio.sleep(0)
         assert not waiter.done()
     ticket = await asyncio.wait_for(waiter, 1)
@@ -273,11 +261,11 @@ async def test_acquire_is_admitted_when_a_slot_frees() -> None:
 
 async def test_cancellation_while_queued_and_paused_leaves_no_trace() -> None:
     gate = AdmissionGate(clock=lambda: 0.0, window=2)
-    async with gate.permit("a"):
+    async with Permit(gate, "a"):
         pass
-    async with gate.permit("b"):
+    async with Permit(gate, "b"):
         pass
-    task = asyncio.create_task(gate.acquire("c"))
+    task = asyncio.create_task(Permit(gate, "c").acquire())
     await asyncio.sleep(0)
     assert gate.queued == 1
     task.cancel()
@@ -285,7 +273,7 @@ async def test_cancellation_while_queued_and_paused_leaves_no_trace() -> None:
         await task
     assert gate.queued == 0 and gate.get("c") is None
     gate.apply(1, pause=True)
-    task = asyncio.create_task(gate.acquire("b"))
+    task = asyncio.create_task(Permit(gate, "b").acquire())
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -336,7 +324,6 @@ def test_random_sequences_always_drain_to_zero(
             )
         else:
             clock.now += arg
-            gate.expire()
             gate.reap()
         assert gate.live >= 0 and gate.paused >= 0
         assert gate.live + gate.paused == sum(1 for a in gate.agents() if a.state != "queued")
