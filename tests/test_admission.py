@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from concur._admit import Permit
+from concur import Permit
 from concur._features import GrowthFeatures
 from concur.admission import (
     AdmissionGate,
