@@ -111,3 +111,33 @@ def _delta(before: float | None, now: float | None, reset: bool) -> float | None
     if before is None or now is None:
         return None
     return now if reset else now - before
+
+
+class IntervalRates:
+    """:func:`derive` over the readings one consumer sees, tick by tick.
+
+    Each reading counts once: a poller slower than the control loop hands the same
+    reading (same ``timestamp``) to several ticks; its rates stand, but its new
+    preemptions were counted at the tick that first saw it (``0.0`` after that). The
+    KV capacity last reported is kept while later readings lack it.
+    """
+
+    __slots__ = ("_prev", "_rates", "capacity_tokens")
+
+    def __init__(self) -> None:
+        self._prev: EngineSignal | None = None
+        self._rates = Rates(hit_rate=None, new_preemptions=None, reset=False)
+        self.capacity_tokens: int | None = None
+        """The engine's KV capacity in tokens, as last reported (None: never)."""
+
+    def update(self, signal: EngineSignal) -> Rates:
+        """The rates for a tick that sees ``signal``."""
+        if self._prev is None or signal.timestamp != self._prev.timestamp:
+            self._rates = derive(self._prev, signal)
+            self._prev = signal
+            rates = self._rates
+        else:
+            rates = Rates(self._rates.hit_rate, new_preemptions=0.0, reset=self._rates.reset)
+        if signal.kv_capacity_tokens is not None:
+            self.capacity_tokens = signal.kv_capacity_tokens
+        return rates

@@ -1,10 +1,13 @@
 """The admission gate: which agents may run now, and who waits.
 
 One gate serves the proxy (on ``time.monotonic``) and the simulator (on a
-virtual clock). Its core is synchronous and sans-IO: :meth:`AdmissionGate.submit`
+virtual clock). It is synchronous and sans-IO: :meth:`AdmissionGate.submit`
 returns a :class:`Ticket` that is granted at once or later, through a callback.
-:meth:`AdmissionGate.acquire` and :meth:`AdmissionGate.permit` wrap that core in
-asyncio for the proxy; the simulator calls the core directly.
+The proxy waits for it with a :class:`concur.Permit` (``concur._admit``), the
+simulator schedules on the callback. What the policy side learns from the agents'
+progress (their context growth, see ``concur._features``) it learns through a
+:class:`GateObserver`; the gate itself keeps the agent table, the window, the queue
+and the requests' timing (:class:`Pace`).
 
 Agents move through three states:
 
@@ -23,21 +26,19 @@ agents end, ``active == 0`` and ``queued == 0``.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import operator
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-from concur.policies.growth import GrowthEstimator
+from typing import Protocol
 
 Clock = Callable[[], float]
 
 _context_tokens = operator.attrgetter("context_tokens")
 _priority = operator.attrgetter("priority")
+_requests = operator.attrgetter("requests")
 
 
 class AdmissionError(Exception):
@@ -91,8 +92,6 @@ class Agent:
     requests: int = 0
     in_flight: int = 0
     ending: bool = False
-    last_usage: int | None = None
-    """Context size reported by the agent's previous response (for growth per step)."""
     last_done: float | None = None
     """When its last request finished, until its next one comes (its tool call's start)."""
     admitted_at: float | None = None
@@ -177,9 +176,9 @@ class GateView:
     queued: int
     held: int
     live_tokens: int
-    growth_tokens: float
-    step_growth_tokens: float
     live_contexts_newest_first: tuple[int, ...]
+    live_steps_newest_first: tuple[int, ...]
+    """Requests each live agent has finished, in the order of the contexts above."""
     candidate_contexts: tuple[int, ...]
     pace: Pace = Pace()
 
@@ -187,6 +186,18 @@ class GateView:
     def active(self) -> int:
         """Admitted agents, live or paused."""
         return self.live + self.paused
+
+
+class GateObserver(Protocol):
+    """What the gate tells of the agents' progress beyond its :class:`GateEvent`: the
+    facts a feature learned on the policy side needs (see ``concur._features``)."""
+
+    def step_finished(self, agent: Agent, usage_tokens: int) -> None:
+        """A granted request of ``agent`` finished with its context at ``usage_tokens``;
+        ``agent.requests`` counts it already."""
+
+    def agent_ended(self, agent: Agent, reason: str) -> None:
+        """An admitted ``agent`` ended (``reason`` as in the ``ended`` event)."""
 
 
 class AdmissionGate:
@@ -211,7 +222,8 @@ class AdmissionGate:
         self.hold_requests = False
         self.admit_new = True
         """False: queued agents wait whatever the window (see :meth:`apply`)."""
-        self.growth = GrowthEstimator()
+        self.observer: GateObserver | None = None
+        """Told of finished steps and ended agents (set by the policy side's features)."""
         self._seq = itertools.count()
         self._admitted: dict[str, Agent] = {}
         self._queue: dict[str, Agent] = {}
@@ -265,21 +277,10 @@ class AdmissionGate:
 
     def view(self) -> GateView:
         live_state = AgentState.LIVE
-        # remaining_growth(n) for every live agent, with the estimator's means read once.
-        expected = self.growth.expected_steps
-        per_step = self.growth.growth_per_step
         admitted = list(reversed(self._admitted.values()))
-        live_ctx = [a.context_tokens for a in admitted if a.state is live_state]
-        growth = 0.0
-        if per_step:  # else every term is 0.0 (a remainder >= 0 times 0.0)
-            for agent in admitted:
-                if agent.state is live_state:
-                    # max(0.0, remaining) * per_step, summed in the same order;
-                    # zero terms add exactly nothing (growth >= 0), so skip them.
-                    remaining = expected - agent.requests
-                    if remaining > 0.0:
-                        growth += remaining * per_step
-        if len(live_ctx) == len(admitted):
+        live = [a for a in admitted if a.state is live_state]
+        live_ctx = list(map(_context_tokens, live))
+        if len(live) == len(admitted):
             candidates: list[int] = []
         else:
             candidates = [a.context_tokens for a in admitted if a.state is not live_state]
@@ -292,9 +293,8 @@ class AdmissionGate:
             queued=len(self._queue),
             held=len(self._held),
             live_tokens=sum(live_ctx),
-            growth_tokens=growth,
-            step_growth_tokens=per_step,
             live_contexts_newest_first=tuple(live_ctx),
+            live_steps_newest_first=tuple(map(_requests, live)),
             candidate_contexts=tuple(candidates),
             pace=self.pace(),
         )
@@ -394,9 +394,8 @@ class AdmissionGate:
         if agent.in_flight == 0:
             agent.last_done = now
         if ticket.usage_tokens is not None:
-            if agent.last_usage is not None:
-                self.growth.observe_step(ticket.usage_tokens - agent.last_usage, agent.requests)
-            agent.last_usage = ticket.usage_tokens
+            if self.observer is not None:
+                self.observer.step_finished(agent, ticket.usage_tokens)
             agent.context_tokens = ticket.usage_tokens
         if ticket.done:
             agent.ending = True
@@ -522,26 +521,14 @@ class AdmissionGate:
             self._end(agent, now, "idle")
         return [a.agent_id for a in idle]
 
-    def expire(self) -> list[Ticket]:
-        """Reject waiting tickets older than ``max_queue_wait`` (virtual-time callers)."""
-        if self.max_queue_wait is None:
-            return []
+    def timed_out(self, ticket: Ticket) -> QueueTimeout:
+        """The caller waited ``max_queue_wait`` for ``ticket`` and gives up: the ticket is
+        abandoned and a ``timeout`` event emitted; returns the error to answer with."""
+        self.abandon(ticket)
         now = self._clock()
-        late = [
-            t
-            for a in list(self._queue.values())
-            for t in a.pending
-            if now - t.created_at >= self.max_queue_wait
-        ]
-        late.extend(t for t in self._held if now - t.created_at >= self.max_queue_wait)
-        for ticket in late:
-            self.abandon(ticket)
-            ticket.status = TicketStatus.REJECTED
-            ticket.error = self._timeout_error(now - ticket.created_at)
-            self._emit("timeout", ticket.agent_id, now, now - ticket.created_at)
-            if ticket.on_resolve is not None:
-                ticket.on_resolve(ticket)
-        return late
+        waited = now - ticket.created_at
+        self._emit("timeout", ticket.agent_id, now, waited)
+        return self._timeout_error(waited)
 
     def close(self) -> None:
         """Shut down: refuse new requests and reject everything still waiting."""
@@ -551,96 +538,6 @@ class AdmissionGate:
         for ticket in waiting:
             self.abandon(ticket)
             self._reject(ticket, GateClosed("concur is shutting down; retry"))
-
-    # ----------------------------------------------------------------- async
-
-    async def acquire(
-        self,
-        agent_id: str,
-        *,
-        context_tokens: int = 0,
-        priority: int = 0,
-        done: bool = False,
-    ) -> Ticket:
-        """Wait until the request may go upstream; returns its granted ticket.
-
-        Raises :class:`QueueFull`, :class:`QueueTimeout` (after ``max_queue_wait``
-        in the admission queue), :class:`AgentEnded` or :class:`GateClosed`.
-        Cancellation while waiting leaves no trace in the gate.
-        """
-        ticket = self.submit(agent_id, context_tokens=context_tokens, priority=priority, done=done)
-        if ticket.granted:  # the usual step of an admitted agent: nothing to wait for
-            return ticket
-        return await self.wait(ticket)
-
-    async def wait(self, ticket: Ticket) -> Ticket:
-        """Wait for a ticket that :meth:`submit` left waiting; what :meth:`acquire` does next.
-
-        Raises and cleans up as :meth:`acquire` does. The ticket must not have an
-        ``on_resolve`` callback of its own.
-        """
-        agent_id = ticket.agent_id
-        # Not resolved yet, and nothing can resolve it before this callback is set.
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake(_: Ticket) -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        ticket.on_resolve = wake
-        timeout = self.max_queue_wait if (ticket.new_agent or ticket.held) else None
-        # One timer handle rather than asyncio.wait_for's task machinery: a thousand
-        # queued requests each keep what they wait with.
-        deadline: asyncio.TimerHandle | None = None
-        if timeout is not None:
-
-            def expire() -> None:
-                if not fut.done():
-                    fut.set_exception(TimeoutError())
-
-            deadline = asyncio.get_running_loop().call_later(timeout, expire)
-        try:
-            await fut
-        except TimeoutError:
-            if ticket.granted:
-                return ticket
-            self.abandon(ticket)
-            now = self._clock()
-            self._emit("timeout", agent_id, now, now - ticket.created_at)
-            raise self._timeout_error(now - ticket.created_at) from None
-        except BaseException:
-            self.abandon(ticket)
-            raise
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-        if ticket.status is TicketStatus.REJECTED:
-            assert ticket.error is not None
-            raise ticket.error
-        return ticket
-
-    @asynccontextmanager
-    async def permit(
-        self,
-        agent_id: str,
-        *,
-        context_tokens: int = 0,
-        priority: int = 0,
-        done: bool = False,
-    ) -> AsyncIterator[Ticket]:
-        """``async with gate.permit(agent) as ticket:`` the request runs inside.
-
-        The permit travels with the request and is released on every path,
-        including cancellation. Set ``ticket.usage_tokens`` before leaving to
-        record the agent's context size.
-        """
-        ticket = await self.acquire(
-            agent_id, context_tokens=context_tokens, priority=priority, done=done
-        )
-        try:
-            yield ticket
-        finally:
-            self.finish(ticket)
 
     # -------------------------------------------------------------- internal
 
@@ -748,8 +645,8 @@ class AdmissionGate:
                 self._live -= 1
             else:
                 self._paused -= 1
-            if reason in ("done", "idle"):  # how long agents run, not how they are cut short
-                self.growth.observe_end(agent.requests)
+            if self.observer is not None:
+                self.observer.agent_ended(agent, reason)
         pending = list(agent.pending)
         agent.pending.clear()
         held = [t for t in self._held if t.agent_id == agent.agent_id]

@@ -1,8 +1,10 @@
 """One control step, shared by the proxy and the simulator.
 
-Each tick: take the latest engine signal, derive per-interval rates, build the
-policy's :class:`~concur.policies.base.Observation` from the signal and the
-gate, ask the policy, apply its decision to the gate, reap idle agents. The
+Each tick: take the latest engine signal and its per-interval rates
+(:class:`~concur.adapters.rates.IntervalRates`), read the gate and the features
+learned from it (``concur._features``: context growth, the interval's pace), build
+the policy's :class:`~concur.policies.base.Observation`, ask the policy, apply its
+decision to the gate, reap idle agents. The
 proxy calls :meth:`Controller.tick` from a background task on wall-clock time;
 the simulator calls it from a virtual-clock event. Nothing here awaits.
 
@@ -23,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from concur.adapters.rates import Rates, derive
+from concur._features import GrowthFeatures, PaceFeatures
+from concur.adapters.rates import IntervalRates
 from concur.adapters.signal import EngineSignal
-from concur.admission import AdmissionGate, GateView, Pace
+from concur.admission import AdmissionGate
 from concur.policies.base import Decision, Observation, Policy, Resumable
 
 FailureMode = Literal["hold", "closed", "open"]
@@ -43,7 +46,11 @@ class TickRecord:
 
 
 class Controller:
-    """Drives an :class:`AdmissionGate` with a :class:`Policy`."""
+    """Drives an :class:`AdmissionGate` with a :class:`Policy`.
+
+    It becomes the gate's :attr:`~AdmissionGate.observer` (for the growth features):
+    build it with the gate, before the first request.
+    """
 
     def __init__(
         self,
@@ -58,10 +65,10 @@ class Controller:
         self.failure_mode: FailureMode = failure_mode
         self.on_tick = on_tick
         self.last: TickRecord | None = None
-        self._prev: EngineSignal | None = None
-        self._rates = Rates(hit_rate=None, new_preemptions=None, reset=False)
-        self._capacity: int | None = None
-        self._pace: tuple[float, Pace] | None = None
+        self.growth = GrowthFeatures()
+        self._rates = IntervalRates()
+        self._pace = PaceFeatures()
+        gate.observer = self.growth
         gate.window = policy.initial_window()
 
     def set_policy(self, policy: Policy) -> None:
@@ -79,22 +86,10 @@ class Controller:
         interval rates (new preemptions, hit rate), so call it once per tick, as
         :meth:`tick` does; status pages read :attr:`last` instead."""
         usable = signal if (signal is not None and not stale) else None
-        if usable is not None:
-            if self._prev is None or usable.timestamp != self._prev.timestamp:
-                self._rates = derive(self._prev, usable)
-                self._prev = usable
-                new_preemptions = self._rates.new_preemptions
-            else:
-                new_preemptions = 0.0  # already counted at the tick that saw this reading
-            if usable.kv_capacity_tokens is not None:
-                self._capacity = usable.kv_capacity_tokens
-        view: GateView = self.gate.view()
-        pace = view.pace
-        then, last = self._pace or (now, pace)  # the first tick has no interval behind it
-        self._pace = (now, pace)
-        span = now - then
-        ended = pace.requests - last.requests
-        tools = pace.tools - last.tools
+        rates = self._rates.update(usable) if usable is not None else None
+        view = self.gate.view()
+        growth = self.growth.project(view)
+        interval = self._pace.interval(now, view.pace)
         return Observation(
             now=now,
             window=view.window,
@@ -102,22 +97,21 @@ class Controller:
             paused=view.paused,
             queued=view.queued,
             kv_usage=usable.kv_usage if usable else None,
-            hit_rate=self._rates.hit_rate if usable else None,
-            new_preemptions=new_preemptions if usable else None,
+            hit_rate=rates.hit_rate if rates else None,
+            new_preemptions=rates.new_preemptions if rates else None,
             engine_running=usable.running if usable else None,
             engine_waiting=usable.waiting if usable else None,
-            capacity_tokens=self._capacity,
+            capacity_tokens=self._rates.capacity_tokens,
             live_tokens=view.live_tokens,
-            growth_tokens=view.growth_tokens,
-            step_growth_tokens=view.step_growth_tokens,
+            growth_tokens=growth,
             live_contexts_newest_first=view.live_contexts_newest_first,
             candidate_contexts=view.candidate_contexts,
             stale=usable is None,
-            interval_s=span or None,
-            busy=min(1.0, (pace.busy_s - last.busy_s) / span) if span > 0 else None,
-            completed=ended,
-            latency_s=(pace.latency_s - last.latency_s) / ended if ended else None,
-            tool_s=(pace.tool_s - last.tool_s) / tools if tools else None,
+            interval_s=interval.span or None,
+            busy=interval.busy,
+            completed=interval.completed,
+            latency_s=interval.latency_s,
+            tool_s=interval.tool_s,
         )
 
     def tick(self, now: float, signal: EngineSignal | None, *, stale: bool = False) -> TickRecord:

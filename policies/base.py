@@ -40,8 +40,6 @@ class Observation:
     """Sum of live agents' context tokens."""
     growth_tokens: float = 0.0
     """Expected further growth of live agents' contexts (learned online)."""
-    step_growth_tokens: float = 0.0
-    """Mean growth of an agent's context per step (learned online; 0 until known)."""
     live_contexts_newest_first: tuple[int, ...] = ()
     """Context tokens of live agents, most recently admitted first (pause order)."""
     candidate_contexts: tuple[int, ...] = ()

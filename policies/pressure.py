@@ -68,24 +68,17 @@ def combine(values: dict[str, float | None], sources: Iterable[str]) -> float | 
     return max(known) if known else None
 
 
-def fitting_candidates(
-    obs: Observation, sources: Iterable[str], limit: float, *, next_step: bool = False
-) -> int:
+def fitting_candidates(obs: Observation, sources: Iterable[str], limit: float) -> int:
     """How many waiting agents, in release order, fit while pressure stays <= ``limit``.
 
     Each candidate's context is added to the working-set sources; engine KV
     usage cannot be projected, so it only has to be under ``limit`` already.
-    With ``next_step``, every live agent and candidate is also given one more step
-    of growth (``obs.step_growth_tokens``): an agent released now must still fit
-    after its next request, or it would be paused again at once.
     """
     chosen = tuple(sources)
     count = 0
     extra = 0
-    growth = obs.step_growth_tokens if next_step else 0.0
     for ctx in obs.candidate_contexts:
-        ahead = int(growth * (obs.live + count + 1))
-        trial = combine(parts(obs, extra + ctx + ahead), chosen)
+        trial = combine(parts(obs, extra + ctx), chosen)
         if trial is None or trial > limit:
             break
         extra += ctx

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from concur import Permit
+from concur._features import GrowthFeatures
 from concur.admission import (
     AdmissionGate,
     AgentEnded,
@@ -91,19 +93,6 @@ def test_full_queue_raises_at_once() -> None:
     assert err.value.retry_after is not None
     assert [e.kind for e in events] == ["full"]
     assert gate.queued == 2
-
-
-def test_expire_rejects_waiters_past_max_queue_wait() -> None:
-    gate, clock = make_gate(1, max_queue_wait=10.0)
-    run(gate, "a")
-    late = run(gate, "b")
-    clock.now = 5.0
-    fresh = run(gate, "c")
-    clock.now = 10.0
-    assert gate.expire() == [late]
-    assert late.status is TicketStatus.REJECTED and isinstance(late.error, QueueTimeout)
-    assert fresh.status is TicketStatus.WAITING
-    assert gate.queued == 1
 
 
 def test_idle_reaping_with_a_fake_clock() -> None:
@@ -231,6 +220,7 @@ def test_request_level_holding_epp() -> None:
 
 def test_usage_tracks_context_and_growth() -> None:
     gate, _ = make_gate(4)
+    gate.observer = growth = GrowthFeatures()  # what the controller attaches
     t = run(gate, "a", context_tokens=1000)
     assert gate.view().live_tokens == 1000
     t.usage_tokens = 1300
@@ -241,16 +231,16 @@ def test_usage_tracks_context_and_growth() -> None:
     view = gate.view()
     assert view.live_tokens == 2300
     # Growth is measured between consecutive responses: 2300 - 1300.
-    assert gate.growth.growth_per_step == pytest.approx(1000)
+    assert growth.estimator.growth_per_step == pytest.approx(1000)
 
 
 async def test_acquire_waits_then_times_out_with_429_info() -> None:
     gate = AdmissionGate(
         clock=lambda: asyncio.get_running_loop().time(), window=1, max_queue_wait=0.05
     )
-    first = await gate.acquire("a")
+    first = await Permit(gate, "a").acquire()
     with pytest.raises(QueueTimeout) as err:
-        await gate.acquire("b")
+        await Permit(gate, "b").acquire()
     assert err.value.retry_after is not None
     assert gate.queued == 0
     gate.finish(first)
@@ -258,8 +248,8 @@ async def test_acquire_waits_then_times_out_with_429_info() -> None:
 
 async def test_acquire_is_admitted_when_a_slot_frees() -> None:
     gate = AdmissionGate(clock=lambda: 0.0, window=1)
-    async with gate.permit("a", done=True):
-        waiter = asyncio.create_task(gate.acquire("b"))
+    async with Permit(gate, "a", done=True):
+        waiter = asyncio.create_task(Permit(gate, "b").acquire())
         await asyncio.sleep(0)
         assert not waiter.done()
     ticket = await asyncio.wait_for(waiter, 1)
@@ -271,11 +261,11 @@ async def test_acquire_is_admitted_when_a_slot_frees() -> None:
 
 async def test_cancellation_while_queued_and_paused_leaves_no_trace() -> None:
     gate = AdmissionGate(clock=lambda: 0.0, window=2)
-    async with gate.permit("a"):
+    async with Permit(gate, "a"):
         pass
-    async with gate.permit("b"):
+    async with Permit(gate, "b"):
         pass
-    task = asyncio.create_task(gate.acquire("c"))
+    task = asyncio.create_task(Permit(gate, "c").acquire())
     await asyncio.sleep(0)
     assert gate.queued == 1
     task.cancel()
@@ -283,7 +273,7 @@ async def test_cancellation_while_queued_and_paused_leaves_no_trace() -> None:
         await task
     assert gate.queued == 0 and gate.get("c") is None
     gate.apply(1, pause=True)
-    task = asyncio.create_task(gate.acquire("b"))
+    task = asyncio.create_task(Permit(gate, "b").acquire())
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -334,7 +324,6 @@ def test_random_sequences_always_drain_to_zero(
             )
         else:
             clock.now += arg
-            gate.expire()
             gate.reap()
         assert gate.live >= 0 and gate.paused >= 0
         assert gate.live + gate.paused == sum(1 for a in gate.agents() if a.state != "queued")
@@ -440,6 +429,7 @@ def test_a_paused_agents_last_step_given_up_ends_the_agent() -> None:
 
 def test_only_agents_that_ran_their_course_teach_the_growth_estimator() -> None:
     gate, clock = make_gate(None, idle_timeout=1.0)
+    gate.observer = growth = GrowthFeatures()  # what the controller attaches
     for agent, steps in (("done", 9), ("idle", 7)):
         for i in range(steps):
             gate.finish(run(gate, agent, done=agent == "done" and i == steps - 1))
@@ -449,7 +439,7 @@ def test_only_agents_that_ran_their_course_teach_the_growth_estimator() -> None:
     assert gate.reap() == []
     clock.now = 2.0
     assert gate.reap() == ["idle"]
-    assert gate.growth.expected_steps == 8.0  # (9 + 7) / 2
+    assert growth.estimator.expected_steps == 8.0  # (9 + 7) / 2
 
 
 @pytest.mark.parametrize("path", ["done_first", "done_last", "granted", "held"])

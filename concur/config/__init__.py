@@ -29,7 +29,7 @@ from concur.config._schema import (
     Settings,
     UpstreamSettings,
 )
-from concur.config._sources import CONFIG_ENV_VAR, ENV_PREFIX, parse_set_value
+from concur.config._sources import CONFIG_ENV_VAR, ENV_PREFIX, deep_merge, parse_set_value
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -41,6 +41,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "UpstreamSettings",
+    "deep_merge",
     "explain",
     "iter_fields",
     "load_settings",

@@ -145,7 +145,7 @@ class DottedSource(PydanticBaseSettingsSource):
             node: Any = value
             for part in reversed(parts):
                 node = {part: node}
-            data = _merge(data, node)
+            data = deep_merge(data, node)
             origins[tuple(parts)] = origin
         self.inputs.layers.append(Layer(origins, self.as_typed))
         return data
@@ -228,11 +228,11 @@ def _env_name_problem(name: str, rest: str, sections: Sequence[str]) -> str | No
     return None
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

@@ -22,6 +22,7 @@ from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, FAST, chat, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from concur import _views
 from concur.app import RUNTIME, Server, build_app
 from concur.config import load_settings
 from concur.metrics import ConcurMetrics
@@ -75,7 +76,7 @@ async def served_concur_names() -> set[str]:
                 assert resp.status_code == 200, resp.text
                 runtime = server.app[RUNTIME]
                 await wait_for(
-                    lambda: bool(runtime.status()["pressure_parts"]), what="a tick with a signal"
+                    lambda: bool(_views.status(runtime).pressure_parts), what="a tick with a signal"
                 )
                 resp = await client.get("/metrics")
                 assert resp.status_code == 200

@@ -14,9 +14,10 @@ import httpx
 import pytest
 from fakes.harness import wait_for
 
-from concur.app import RUNTIME, Runtime, Server, build_app
+from concur.app import RUNTIME, Server, build_app
 from concur.config import load_settings
 from concur.control import TickRecord
+from concur.runtime import Runtime
 from concur.sim.demo.scenario import live_settings
 from concur.sim.engine_config import EngineSpec
 from concur.sim.server.app import EngineServer, EngineServerConfig

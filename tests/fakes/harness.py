@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 
-from concur.app import RUNTIME, Runtime, Server, build_app
+from concur.app import RUNTIME, Server, build_app
 from concur.config import Settings, load_settings
+from concur.runtime import Runtime
 
 FAST = {
     "engine.poll_interval": 0.05,

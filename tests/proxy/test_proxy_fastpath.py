@@ -32,19 +32,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 from yarl import URL
 
+from concur._headers import HOP_BY_HOP, REQUEST_SKIP, filtered, filtered_each, skipped
 from concur.admission import AdmissionGate
 from concur.deadlines import Deadlines, SendWatch
 from concur.identity import IdentityError, IdentitySource, validate
 from concur.metrics import LATENCY_BUCKETS, ConcurMetrics, UpstreamStats
-from concur.proxy import (
-    _REQUEST_SKIP,
-    HOP_BY_HOP,
-    Proxy,
-    ProxyOptions,
-    _filtered,
-    _filtered_each,
-    _skipped,
-)
+from concur.proxy import Proxy, ProxyOptions
 from concur.upstream import Upstream
 from concur.usage import (
     SSEUsage,
@@ -400,14 +393,14 @@ HEADER_NAMES = st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.tuples(HEADER_NAMES, st.sampled_from(["", "1", "x-custom, Close", "a b"]))),
-    st.sampled_from([_REQUEST_SKIP, HOP_BY_HOP, frozenset()]),
+    st.sampled_from([REQUEST_SKIP, HOP_BY_HOP, frozenset()]),
 )
 def test_header_filter_is_the_header_by_header_one(
     pairs: list[tuple[str, str]], base: frozenset[str]
 ) -> None:
     headers = CIMultiDictProxy(CIMultiDict(pairs))
-    skip = _skipped(headers, base)
-    fast, each = _filtered(headers, skip), _filtered_each(headers, skip)
+    skip = skipped(headers, base)
+    fast, each = filtered(headers, skip), filtered_each(headers, skip)
     assert list(fast.items()) == list(each.items())  # the same headers in the same order
 
 
@@ -439,8 +432,8 @@ def test_target_cache_gives_the_computed_target(upstream: str, target: str) -> N
     path = rel.raw_path if rel.raw_path.startswith("/") else "/" + rel.raw_path
     query = rel.raw_query_string
     expected = URL(upstream).raw_path.rstrip("/") + path + ("?" + query if query else "")
-    first = proxy.target(request)
-    again = proxy.target(make_mocked_request("GET", target))
+    first = proxy.forwarder.target(request)
+    again = proxy.forwarder.target(make_mocked_request("GET", target))
     assert first == again == expected
     assert first.startswith("/") and "evil" not in first.split("/")[1:2]
 

@@ -23,6 +23,7 @@ from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, Start, chat
 from fakes.invariants import Ledger, assert_invariants, concur_error, raw_request
 
+from concur import _admin
 from concur import app as app_module
 from concur.cli import main
 from concur.config import load_settings
@@ -91,7 +92,7 @@ async def test_admin_endpoints_need_the_token(
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(_admin.hmac, "compare_digest", spy)
     c = await start_concur(**{"server.admin_token": TOKEN, "policy.name": "static:2"})
     await ledger.send(c.client, "POST", CHAT, json=chat(), headers={AGENT: "victim"})
     wrong = [

@@ -17,7 +17,8 @@ from fakes.harness import wait_for
 from openai import AsyncOpenAI
 
 from concur.adapters.vllm import parse
-from concur.app import RUNTIME, Runtime, Server
+from concur.app import RUNTIME, Server
+from concur.runtime import Runtime
 from concur.sim.generate import generate
 from concur.sim.realvllm import BLOCK_SIZE, VllmServer
 from concur.sim.server.tokenizer import filler_text
