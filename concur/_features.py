@@ -75,6 +75,7 @@ class Interval:
     completed: int
     latency_s: float | None
     tool_s: float | None
+    served_tokens: int
 
 
 class PaceFeatures:
@@ -98,4 +99,5 @@ class PaceFeatures:
             completed=ended,
             latency_s=(pace.latency_s - last.latency_s) / ended if ended else None,
             tool_s=(pace.tool_s - last.tool_s) / tools if tools else None,
+            served_tokens=pace.served_tokens - last.served_tokens,
         )

@@ -164,6 +164,9 @@ class Pace:
     """Returns from a tool call: an admitted agent's request after its previous response."""
     tool_s: float = 0.0
     """Sum of those pauses."""
+    served_tokens: int = 0
+    """Context tokens of the finished requests that reported their usage (prompt and
+    completion): work done, in a unit that grows with the agents' contexts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +243,7 @@ class AdmissionGate:
         self._latency_s = 0.0
         self._tools = 0
         self._tool_s = 0.0
+        self._served_tokens = 0
         # Whether any agent ever came with a priority other than 0. Until one does the
         # queue is plain FIFO, and picking the next agent must not scan it (O(n) per
         # admission made admitting hundreds from a queue of thousands take 0.2 s).
@@ -304,7 +308,14 @@ class AdmissionGate:
         busy = self._busy_s
         if self._granted_now:
             busy += self._clock() - self._busy_from
-        return Pace(busy, self._ended_requests, self._latency_s, self._tools, self._tool_s)
+        return Pace(
+            busy,
+            self._ended_requests,
+            self._latency_s,
+            self._tools,
+            self._tool_s,
+            self._served_tokens,
+        )
 
     # ------------------------------------------------------------- requests
 
@@ -385,6 +396,8 @@ class AdmissionGate:
         ticket.status = TicketStatus.DONE
         now = self._clock()
         self._ungrant(ticket, now)
+        if ticket.usage_tokens is not None:
+            self._served_tokens += ticket.usage_tokens
         agent = self._counted_in(ticket)
         if agent is None:
             return

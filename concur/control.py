@@ -112,6 +112,7 @@ class Controller:
             completed=interval.completed,
             latency_s=interval.latency_s,
             tool_s=interval.tool_s,
+            served_tokens=interval.served_tokens,
         )
 
     def tick(self, now: float, signal: EngineSignal | None, *, stale: bool = False) -> TickRecord:

@@ -193,7 +193,15 @@ class AIMD:
         values = pressure_mod.parts(obs)
         p = pressure_mod.combine(values, prm.pressure)
         if prm.engine_aware:
-            self.load.update(obs.interval_s, obs.busy, obs.completed, obs.latency_s, obs.tool_s)
+            self.load.update(
+                obs.now,
+                obs.interval_s,
+                obs.busy,
+                obs.completed,
+                obs.latency_s,
+                obs.tool_s,
+                obs.served_tokens,
+            )
             # Agents wait only because the cache law holds them back.
             held_back = obs.queued + obs.paused > 0
             was = self.load.mode
@@ -249,16 +257,20 @@ class AIMD:
         return keep
 
     def _decrease(self, now: float, why: str, target: int | None = None) -> str:
-        """Shrink the window, at most once per cooldown; returns the reason.
+        """Shrink the window; returns the reason.
 
-        By ``beta`` at most: to ``target`` live agents when that is enough (the working
-        set back under ``low`` with fewer agents paused than halving would pause)."""
+        With a ``target`` (the live agents that keep the working set under ``low``), to
+        it at once: the working set is known exactly and falls as soon as agents are
+        paused. Otherwise (engine KV usage, preemptions: signals that lag) by ``beta``,
+        at most once per ``decrease_cooldown``, so one sustained reading does not
+        collapse the window."""
         prm = self.params
-        if self._last_decrease is not None and now - self._last_decrease < prm.decrease_cooldown:
-            return "cooldown"
-        new = max(prm.min_window, math.floor(self.window * prm.beta))
         if target is not None and target < self.window:
             new = max(prm.min_window, target)
+        elif self._last_decrease is not None and now - self._last_decrease < prm.decrease_cooldown:
+            return "cooldown"
+        else:
+            new = max(prm.min_window, math.floor(self.window * prm.beta))
         reason = f"decrease:{why}" if new < self.window else "at_min"
         self.window = new
         self._last_decrease = now

@@ -57,6 +57,9 @@ class Observation:
     """Their mean time from grant to end (``None`` when none ended)."""
     tool_s: float | None = None
     """Mean pause of the agents that came back from a tool call in the interval."""
+    served_tokens: int = 0
+    """Context tokens (prompt and completion) of the requests that finished in the
+    interval and reported their usage."""
 
     @property
     def in_use(self) -> bool:

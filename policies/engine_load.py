@@ -11,29 +11,36 @@ and keeping the working set resident pays.
 :class:`EngineLoad` averages, over about one agent cycle (a request and the tool
 call after it), the engine's busy share (the fraction of time at least one of the
 agents' requests was in flight: the gate measures it, so any engine, real or
-simulated, has it) and the rate at which requests complete, and decides between
-two modes:
+simulated, has it), keeps the recent work done (context tokens served), and decides
+between two modes:
 
 ``resident``
     the window keeps the live working set in the cache (and pauses agents to do so);
 ``open``
     no limit and nobody paused: cache misses are cheaper than an idle engine.
 
-It opens when agents are held back while the engine stays under ``busy_low`` for
-``dwell_cycles`` agent cycles. Open, it keeps the mode only if it pays: after the
-same settling time, if requests complete more slowly than they did resident, it
-closes again and waits twice as long before the next try. After ``reprobe_s``
-open, if the cache is congested, it closes to check that the swarm has not
-changed. Pure: time comes in with each update.
+It opens when agents are held back while the engine stays under ``busy_low`` for a
+dwell of ``dwell_cycles`` agent cycles. Open, it keeps the mode unless it clearly
+does not pay: the first dwell lets the agents it released warm up, and if over the
+second less work is done per second than over the last dwell resident (by more than
+:data:`TIE`), it closes again and waits twice as long before the next try. After ``reprobe_s``
+open, if the cache is congested, it closes to check that the swarm has not changed.
+Pure: time comes in with each update.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from enum import StrEnum
 
-__all__ = ["EngineLoad", "Ewma", "Mode"]
+__all__ = ["TIE", "EngineLoad", "Ewma", "Mode"]
+
+TIE = 0.25
+"""Open is kept unless it serves this much less work per second than resident did. The
+two are measured at different times of a swarm's life, so only a clear loss counts: on
+anything closer, no control (the baseline concur must never lose to) wins."""
 
 
 class Mode(StrEnum):
@@ -67,21 +74,22 @@ class EngineLoad:
     since: float = 0.0
     """When the current mode began."""
     busy: Ewma | None = None
-    rate: Ewma | None = None
-    """Requests completed per second, in the current mode."""
     cycle: Ewma | None = None
     """An agent's cycle: its request's time plus its tool call's."""
     idle_since: float | None = None
     """Since when, resident, agents have waited while the engine stayed under ``busy_low``."""
     resident_rate: float | None = None
-    """The completion rate resident, when it last opened."""
+    """Requests completed per second resident, over the dwell before it last opened."""
+    completions: deque[tuple[float, int, int]] = field(default_factory=deque)
+    """(tick time, requests completed and context tokens served in the interval that ended
+    then), for the recent ticks."""
     backoff: float = 1.0
     """Multiplies the dwell before opening: doubled by every failed try."""
     judged: bool = False
-    """Open: whether it was compared with resident yet (once, after the dwell)."""
+    """Open: whether it was compared with resident yet (once, two dwells in)."""
 
     def __post_init__(self) -> None:
-        self.busy, self.rate, self.cycle = Ewma(), Ewma(), Ewma()
+        self.busy, self.cycle = Ewma(), Ewma()
 
     def dwell(self) -> float:
         """Seconds to wait before judging: ``dwell_cycles`` agent cycles, at least
@@ -92,32 +100,53 @@ class EngineLoad:
 
     def update(
         self,
+        now: float,
         interval_s: float | None,
         busy: float | None,
         completed: int,
         latency_s: float | None,
         tool_s: float | None,
+        served_tokens: int = 0,
     ) -> None:
-        """Fold one tick's interval in (nothing when the interval or the busy share is
-        unknown: the first tick, or a gate that does not measure its pace)."""
-        assert self.busy is not None and self.rate is not None and self.cycle is not None
+        """Fold in one tick's interval, which ended at ``now`` (nothing when the interval or
+        the busy share is unknown: the first tick, or a gate that measures no pace)."""
+        assert self.busy is not None and self.cycle is not None
         if not interval_s or busy is None:
             return
         if latency_s is not None and tool_s is not None:
             self.cycle.add(latency_s + tool_s, interval_s, max(1.0, self.cycle.value or 1.0))
-        tau = max(1.0, self.cycle.value or 1.0)
-        self.busy.add(busy, interval_s, tau)
-        self.rate.add(completed / interval_s, interval_s, tau)
+        self.busy.add(busy, interval_s, max(1.0, self.cycle.value or 1.0))
+        ticks = self.completions
+        ticks.append((now, completed, served_tokens))
+        while ticks and now - ticks[0][0] > 4 * self.dwell() * self.backoff:
+            ticks.popleft()
+
+    def rate(self, start: float, end: float) -> float | None:
+        """Work done per second in the ticks of ``(start, end]``: context tokens served
+        when requests report their usage, else requests completed.
+
+        Served tokens weigh each step by its context, so a rate measured early in a
+        swarm's life (short contexts, quick steps) compares fairly with one measured
+        later: both modes slow down about in proportion to the contexts.
+        """
+        if end <= start:
+            return None
+        window = [(n, tokens) for t, n, tokens in self.completions if start < t <= end]
+        tokens = sum(tokens for _, tokens in window)
+        done = tokens if tokens else sum(n for n, _ in window)
+        return done / (end - start)
 
     def step(self, now: float, held_back: bool, congested: bool) -> Mode:
         """The mode for this tick. ``held_back``: agents wait (queued or paused);
         ``congested``: the cache is over its threshold."""
-        assert self.busy is not None and self.rate is not None
+        assert self.busy is not None
+        dwell = self.dwell()
         if self.mode is Mode.OPEN:
-            if not self.judged and now - self.since >= self.dwell():
+            if not self.judged and now - self.since >= 2 * dwell:
+                # The first dwell is the agents let in warming up; the second is judged.
                 self.judged = True
-                rate, before = self.rate.value, self.resident_rate
-                if rate is not None and before is not None and rate < before:
+                rate, before = self.rate(self.since + dwell, now), self.resident_rate
+                if rate is not None and before is not None and rate < before * (1 - TIE):
                     self.backoff *= 2.0  # it did not pay: try again later, if at all
                     self._switch(Mode.RESIDENT, now)
             elif self.judged and congested and now - self.since >= self.reprobe_s:
@@ -128,8 +157,8 @@ class EngineLoad:
             self.idle_since = None
         elif self.idle_since is None:
             self.idle_since = now
-        if self.idle_since is not None and now - self.idle_since >= self.dwell() * self.backoff:
-            self.resident_rate = self.rate.value
+        if self.idle_since is not None and now - self.idle_since >= dwell * self.backoff:
+            self.resident_rate = self.rate(now - dwell, now)
             self._switch(Mode.OPEN, now)
         return self.mode
 
@@ -138,5 +167,4 @@ class EngineLoad:
         self.since = now
         self.idle_since = None
         self.judged = False
-        # The other mode's load and pace say nothing about this one.
-        self.busy, self.rate = Ewma(), Ewma()
+        self.busy = Ewma()  # the other mode's load says nothing about this one

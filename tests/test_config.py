@@ -100,7 +100,7 @@ def test_defaults() -> None:
     assert s.admission.max_identity_bytes == 256
     assert s.policy.name == "aimd"
     assert s.policy.aimd.high == 0.85
-    assert s.policy.aimd.low == 0.70
+    assert s.policy.aimd.low == 0.75
 
 
 def test_derived_values() -> None:
@@ -149,7 +149,7 @@ def test_toml_file(tmp_path: Path) -> None:
     assert s.admission.identity == ["header:X-Run", "body:user"]
     assert s.policy.name == "static:12"
     assert s.policy.aimd.high == 0.9
-    assert s.policy.aimd.low == 0.70  # untouched fields keep their defaults
+    assert s.policy.aimd.low == 0.75  # untouched fields keep their defaults
     assert s.server.host == "127.0.0.1"
 
 

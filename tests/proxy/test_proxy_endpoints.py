@@ -144,7 +144,7 @@ async def test_admin_token(
     )
     assert r.status_code == 200, r.text
     policy = (await c.status())["policy"]
-    assert policy["name"] == "aimd" and policy["high"] == 0.9 and policy["low"] == 0.7
+    assert policy["name"] == "aimd" and policy["high"] == 0.9 and policy["low"] == 0.75
     # A second PUT merges into the current settings.
     r = await c.client.put("/concur/policy", json={"aimd": {"alpha": 2}}, headers=good)
     policy = r.json()["policy"]
