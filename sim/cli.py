@@ -36,8 +36,8 @@ def register(sub: Any) -> None:
         help="replay one trace under several policies and compare them",
         description="Replay one trace under each --policy and write a comparison report.",
     )
-    _trace_args(run)
-    _engine_args(run)
+    trace_args(run)
+    engine_args(run)
     run.add_argument(
         "--policy",
         action="append",
@@ -62,8 +62,8 @@ def register(sub: Any) -> None:
             "--policy, e.g. --policy aimd --param aimd.high --values 0.8,0.85,0.9."
         ),
     )
-    _trace_args(sweep)
-    _engine_args(sweep)
+    trace_args(sweep)
+    engine_args(sweep)
     sweep.add_argument("--param", required=True, help="'static' or a dotted field: aimd.high")
     sweep.add_argument("--values", required=True, help="comma-separated values")
     sweep.add_argument("--policy", default="aimd", help="base policy for a field sweep")
@@ -113,7 +113,8 @@ def register(sub: Any) -> None:
     register_compare(s)
 
 
-def _trace_args(p: argparse.ArgumentParser) -> None:
+def trace_args(p: argparse.ArgumentParser) -> None:
+    """The trace's flags: ``--trace``/``--format`` or ``--shape``/``--seed``/``--agents``."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--trace", type=Path, help="trace file (native JSONL, or see --format)")
     g.add_argument("--shape", default=None, help="generate the trace instead (default: swe-swarm)")
@@ -122,7 +123,8 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", type=int, default=None, help="override --shape's agent count")
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def engine_args(p: argparse.ArgumentParser, *, choose_engine: bool = True) -> None:
+    """The engine's flags (``--model ... --preset``; ``--engine`` when ``choose_engine``)."""
     p.add_argument("--model", default="qwen3-32b", help="llama-3-8b, qwen3-8b, qwen3-32b, ...")
     p.add_argument("--gpu", default="h100", help="h100, h200 or a100")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
@@ -143,6 +145,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
             "bench/engine_costs.py)"
         ),
     )
+    if not choose_engine:
+        return
     p.add_argument(
         "--engine",
         choices=("builtin", "vllm"),

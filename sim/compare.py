@@ -282,7 +282,7 @@ def write_reports(comparisons: Sequence[TraceComparison], out: Path, tolerance: 
 def register_compare(sim_subparsers: Any) -> None:
     """Add ``compare-engines`` to ``concur sim``'s subcommands."""
     from concur._cli_config import add_config_arguments
-    from concur.sim.cli import DEFAULT_POLICIES
+    from concur.sim.cli import DEFAULT_POLICIES, engine_args, trace_args
 
     p = sim_subparsers.add_parser(
         "compare-engines",
@@ -293,18 +293,8 @@ def register_compare(sim_subparsers: Any) -> None:
             "rate, recompute share, preemptions and wall time per policy."
         ),
     )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--trace", type=Path, help="trace file (native JSONL, or see --format)")
-    g.add_argument("--shape", default=None, help="generate the trace instead (default: swe-swarm)")
-    p.add_argument("--format", default=None, help="--trace's format if not native (importers)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --shape")
-    p.add_argument("--agents", type=int, default=None, help="override --shape's agent count")
-    p.add_argument("--model", default="qwen3-32b", help="llama-3-8b, qwen3-8b, qwen3-32b, ...")
-    p.add_argument("--gpu", default="h100", help="h100, h200 or a100")
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree")
-    p.add_argument("--kv-tokens", type=int, default=None, help="KV capacity in tokens")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    trace_args(p)
+    engine_args(p, choose_engine=False)
     p.add_argument(
         "--policy",
         action="append",

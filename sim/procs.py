@@ -131,7 +131,9 @@ class Supervisor:
 
     While active it installs SIGTERM (and, if it was the default, SIGINT)
     handlers that raise in the main thread so ``finally`` blocks run, plus an
-    ``atexit`` hook; both are removed or restored on exit.
+    ``atexit`` hook; both are removed or restored on exit. A signal that arrives
+    while a child is being started is held until the child is on the list, so
+    a child forked but not yet recorded is never left behind.
     """
 
     def __init__(self, log_dir: Path, *, grace: float = 5.0) -> None:
@@ -139,12 +141,16 @@ class Supervisor:
         self.grace = grace
         self.children: list[Child] = []
         self._old_handlers: dict[int, Any] = {}
+        self._starting = False
+        self._held: int | None = None
 
     def __enter__(self) -> Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop_all)
         with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
-            self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_exit)
+            self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
         return self
 
     def __exit__(
@@ -162,9 +168,22 @@ class Supervisor:
 
     def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
         """Start ``argv`` in a new session; its output goes to ``<log_dir>/<name>.log``."""
-        child = spawn(name, argv, self.log_dir / f"{name}.log", env=env)
-        self.children.append(child)
+        self._starting = True
+        try:
+            child = spawn(name, argv, self.log_dir / f"{name}.log", env=env)
+            self.children.append(child)
+        finally:
+            self._starting = False
+        if self._held is not None:
+            signum, self._held = self._held, None
+            _raise_exit(signum)
         return child
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._starting:
+            self._held = signum
+            return
+        _raise_exit(signum)
 
     def stop(self, child: Child) -> None:
         child.stop(self.grace)
@@ -177,7 +196,9 @@ class Supervisor:
             self.stop(self.children[-1])
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
+def _raise_exit(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
