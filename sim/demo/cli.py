@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from concur.sim.demo.report import RunRecord
+    from concur.sim.demo.rigs import Rig
     from concur.sim.demo.scenario import Scenario
     from concur.sim.swarm.client import ProgressFn
 
@@ -52,6 +53,23 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--policy", default="aimd", help="concur's policy for the second run")
     p.add_argument(
+        "--vllm",
+        action="store_true",
+        help=(
+            "on a real vLLM instead (its CPU build with a tiny model made here, from "
+            ".venv-vllm: make vllm-venv), in real time: 4-6 minutes"
+        ),
+    )
+    p.add_argument(
+        "--shape",
+        default="engine-bound",
+        help=(
+            "with --vllm, the swarm: engine-bound (the default: control pays), tool-bound "
+            "(the engine idles: control cannot pay, and concur stays out of the way) or "
+            "staggered"
+        ),
+    )
+    p.add_argument(
         "--sample-interval",
         type=float,
         default=0.25,
@@ -61,17 +79,37 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from concur.sim.demo.scenario import DEFAULT, QUICK
+    from concur.sim.demo.rigs import SimRig, VllmRig
+    from concur.sim.demo.scenario import DEFAULT, QUICK, real_scenario
     from concur.sim.procs import ChildFailed
 
     scenario = QUICK if args.quick else DEFAULT
-    if args.speed is not None:
+    rig: SimRig | VllmRig | None = None
+    if args.vllm:
+        if args.quick or args.speed is not None:
+            print(
+                "concur demo: error: --quick and --speed do not apply with --vllm", file=sys.stderr
+            )
+            return 2
+        try:
+            scenario = real_scenario(args.shape)
+            rig = VllmRig(scenario.kv_tokens)
+        except (ValueError, ChildFailed) as exc:
+            print(f"concur demo: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.speed is not None:
         if not args.speed > 0:
             print(f"concur demo: error: --speed must be > 0, got {args.speed}", file=sys.stderr)
             return 2
         scenario = dataclasses.replace(scenario, speed=args.speed)
     try:
-        run_demo(scenario, args.out, policy=args.policy, sample_interval=args.sample_interval)
+        run_demo(
+            scenario,
+            args.out,
+            policy=args.policy,
+            sample_interval=args.sample_interval,
+            rig=rig or SimRig(scenario),
+        )
     except ChildFailed as exc:
         print(f"concur demo: error: {exc}", file=sys.stderr)
         return 1
@@ -106,16 +144,22 @@ def run_demo(
     *,
     policy: str = "aimd",
     sample_interval: float = 0.25,
+    rig: Rig | None = None,
 ) -> dict[str, Any]:
-    """Run both halves of the demo and write the report; returns ``demo.json``'s data."""
+    """Run both halves of the demo and write the report; returns ``demo.json``'s data.
+
+    ``rig``: the engine (default: ``concur engine`` for ``scenario``)."""
     from concur.sim.demo.live import run_live
-    from concur.sim.demo.orchestrate import start_concur, start_engine
+    from concur.sim.demo.orchestrate import start_concur
     from concur.sim.demo.plot import write_plot
     from concur.sim.demo.report import print_table, write_json
+    from concur.sim.demo.rigs import SimRig
     from concur.sim.demo.scenario import live_settings, set_flags
     from concur.sim.demo.story import story
-    from concur.sim.procs import Supervisor, free_port
+    from concur.sim.procs import Supervisor
     from concur.sim.trace import dump_trace, summarize
+
+    rig = rig or SimRig(scenario)
 
     started = time.monotonic()
     trace = scenario.trace()
@@ -123,63 +167,67 @@ def run_demo(
     dump_trace(trace, out / "trace.jsonl")
     speed = scenario.speed
     info = summarize(trace)
-    engine_desc = scenario.engine_spec().describe()
+    engine_desc = rig.describe()
     print(f"concur demo ({scenario.name}): {scenario.description}")
     print(
         f"  trace: {info.agents} agents, {info.steps} steps, peak context "
         f"{info.peak_context_tokens:,} tokens, {info.total_output_tokens:,} output tokens"
     )
-    print(f"  engine: concur engine, {engine_desc}, {speed:g}x real time")
+    print(
+        f"  engine: concur engine, {engine_desc}, {speed:g}x real time"
+        if rig.simulated
+        else f"  engine: {engine_desc}, real time"
+    )
     direct_label, controlled_label = "no control", f"concur ({policy})"
     urls: dict[str, str] = {}
-    with Supervisor(out / "logs") as sup:
-        engine, engine_url = start_engine(sup, "engine-direct", scenario.engine_args(free_port()))
-        print(f"\n[1/2] agents straight to the engine at {engine_url}/v1 (no admission control)")
-        direct = _progress_run(
-            direct_label,
-            len(trace.agents),
-            lambda progress: run_live(
-                direct_label,
-                trace,
-                engine_url=engine_url,
-                speed=speed,
-                sample_interval=sample_interval,
-                progress=progress,
-            ),
-        )
-        sup.stop(engine)
 
-        engine, engine_url = start_engine(sup, "engine-concur", scenario.engine_args(free_port()))
-        _proxy, concur_url = start_concur(
-            sup,
-            "concur-serve",
-            engine_url,
-            policy=policy,
-            settings=set_flags(live_settings(speed)),
-        )
-        urls = {
-            "engine": engine_url,
-            "concur": concur_url,
-            "status": f"{concur_url}/concur/status",
-            "metrics": f"{concur_url}/metrics",
-        }
-        print(
-            f"[2/2] the same agents through concur serve --policy {policy} at {concur_url}/v1 "
-            f"(engine restarted, cold cache, at {engine_url})"
-        )
-        controlled = _progress_run(
-            controlled_label,
+    def half(label: str, engine_url: str, concur_url: str | None = None) -> RunRecord:
+        return _progress_run(
+            label,
             len(trace.agents),
             lambda progress: run_live(
-                controlled_label,
+                label,
                 trace,
                 engine_url=engine_url,
                 concur_url=concur_url,
                 speed=speed,
                 sample_interval=sample_interval,
                 progress=progress,
+                model=rig.model,
+                simulated=rig.simulated,
             ),
         )
+
+    fresh = "engine restarted, cold cache" if rig.simulated else "prefix cache emptied"
+    with Supervisor(out / "logs") as sup:
+        try:
+            engine_url = rig.cold(sup, "engine-direct")
+            print(
+                f"\n[1/2] agents straight to the engine at {engine_url}/v1 (no admission control)"
+            )
+            direct = half(direct_label, engine_url)
+            engine_url = rig.cold(sup, "engine-concur")
+            _proxy, concur_url = start_concur(
+                sup,
+                "concur-serve",
+                engine_url,
+                policy=policy,
+                settings=set_flags(live_settings(speed)),
+            )
+            urls = {
+                "engine": engine_url,
+                "concur": concur_url,
+                "status": f"{concur_url}/concur/status",
+                "metrics": f"{concur_url}/metrics",
+            }
+            print(
+                f"[2/2] the same agents through concur serve --policy {policy} at "
+                f"{concur_url}/v1 ({fresh}, at {engine_url})"
+            )
+            controlled = half(controlled_label, engine_url, concur_url)
+        finally:
+            sup.stop_all()
+            rig.close()
     wall = time.monotonic() - started
     title = f"{info.agents} agents on {engine_desc}"
     print()
@@ -208,7 +256,10 @@ def _print_next(
 
     spec = scenario.engine_spec()
     engine_flags = (
-        f"--model {spec.model} --gpu {spec.gpu} --tp {spec.tp} --kv-tokens {scenario.kv_tokens}"
+        f"--preset {scenario.preset} --kv-tokens {scenario.kv_tokens}"
+        if scenario.preset
+        else f"--model {spec.model} --gpu {spec.gpu} --tp {spec.tp} "
+        f"--kv-tokens {scenario.kv_tokens}"
     )
     plot = (
         f"{out}/demo.png (both runs: live, paused and queued agents under the window, "
@@ -231,6 +282,18 @@ def _print_next(
         "      the same swarm offline in seconds under several policies (unlimited, a static "
         "cap, aimd:paper, aimd:cache, aimd; --policy to choose)"
     )
+    if scenario.preset:
+        print(
+            f"  make vllm-engine    # the same vLLM on 127.0.0.1:8000, then:\n"
+            f"  concur serve --upstream http://127.0.0.1:8000 --policy {policy} "
+            "--listen 127.0.0.1:9000\n"
+            f"  concur swarm --trace {out}/trace.jsonl --base-url http://127.0.0.1:9000/v1\n"
+            "      the same by hand; watch curl http://127.0.0.1:9000/concur/status meanwhile\n"
+            "  concur demo --vllm --shape tool-bound\n"
+            "      a swarm whose engine idles between steps: no admission control can make "
+            "it faster, and concur's default steps aside"
+        )
+        return
     speed = scenario.speed
     scaled = live_settings(speed)
     sets = " ".join(

@@ -51,24 +51,28 @@ async def run_live(
     speed: float,
     sample_interval: float = 0.5,
     progress: ProgressFn | None = None,
+    model: str | None = None,
+    simulated: bool = True,
 ) -> RunRecord:
     """Run ``trace`` through concur (when ``concur_url`` is given) or straight at the engine.
 
     Polls the engine's ``/metrics`` (and concur's ``/concur/status``) every
-    ``sample_interval`` wall seconds, and reads the engine's counters and
-    concur's final status at the end.
+    ``sample_interval`` wall seconds, counts what the engine's counters grew by over
+    the run (an engine kept running between runs counts on), and reads concur's final
+    status at the end. ``simulated``: the engine runs on a simulated clock (``concur
+    engine``), not a real one (vLLM).
     """
     base = concur_url if concur_url is not None else engine_url
     monitor = Monitor(engine_url, concur_url=concur_url, speed=speed, interval=sample_interval)
+    before = await _counters(engine_url)
     await monitor.start()
     try:
-        result = await run_swarm(trace, SwarmOptions(base_url=base, speed=speed), progress=progress)
+        options = SwarmOptions(base_url=base, speed=speed, model=model)
+        result = await run_swarm(trace, options, progress=progress)
     finally:
         await monitor.stop()
-    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
-        resp = await client.get(f"{engine_url.rstrip('/')}/metrics")
-        resp.raise_for_status()
-        counters = engine_counters(resp.text)
+    after = await _counters(engine_url)
+    counters = {k: v - before.get(k, 0.0) for k, v in after.items()}
     status = await settled_status(concur_url) if concur_url else None
     return RunRecord(
         label=label,
@@ -78,4 +82,13 @@ async def run_live(
         ideal_prefill_tokens=ideal_prefill_tokens(trace),
         proxy_status=status,
         agents=[a.to_dict() for a in result.agents],
+        simulated=simulated,
     )
+
+
+async def _counters(engine_url: str) -> dict[str, float]:
+    """The engine's counters now."""
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+        resp = await client.get(f"{engine_url.rstrip('/')}/metrics")
+        resp.raise_for_status()
+        return engine_counters(resp.text)

@@ -131,7 +131,7 @@ def figure(direct: RunRecord, controlled: RunRecord, title: str) -> Figure:
         _series(axes[1][col], run, "kv")
         _series(axes[2][col], run, "hit")
         axes[0][col].set_title(_title(run), fontsize=11)
-        axes[2][col].set_xlabel("simulated seconds")
+        axes[2][col].set_xlabel("simulated seconds" if run.simulated else "seconds")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("agents")

@@ -55,6 +55,13 @@ class RunRecord:
     """concur's ``/concur/status`` after the run (controlled run only)."""
     agents: list[dict[str, Any]] = field(default_factory=list)
     """Per-agent results (:meth:`AgentResult.to_dict`)."""
+    simulated: bool = True
+    """On a simulated engine's clock (``concur engine``), or a real engine's (vLLM)."""
+
+    @property
+    def unit(self) -> str:
+        """How its times read: simulated seconds, or plain seconds on a real engine."""
+        return "simulated s" if self.simulated else "s"
 
     @property
     def hit_rate(self) -> float | None:
@@ -128,7 +135,7 @@ def comparison_rows(direct: RunRecord, controlled: RunRecord) -> list[tuple[str,
     d, c = direct.figures(), controlled.figures()
     return [
         (
-            "makespan (simulated s)",
+            f"makespan ({direct.unit})",
             f"{d['makespan_s']:,.1f}",
             f"{c['makespan_s']:,.1f}",
             _ratio(d["makespan_s"], c["makespan_s"], higher_is_better=False),
@@ -154,7 +161,7 @@ def comparison_rows(direct: RunRecord, controlled: RunRecord) -> list[tuple[str,
             _ratio(d["recomputed_tokens"], c["recomputed_tokens"], higher_is_better=False),
         ),
         (
-            "mean agent time (simulated s)",
+            f"mean agent time ({direct.unit})",
             f"{d['mean_completion_s']:,.1f}",
             f"{c['mean_completion_s']:,.1f}",
             "",

@@ -27,7 +27,16 @@ from concur.sim.engine_config import EngineSpec
 from concur.sim.generate import generate
 from concur.sim.trace import Trace
 
-__all__ = ["DEFAULT", "QUICK", "SCENARIOS", "Scenario", "live_settings", "set_flags"]
+__all__ = [
+    "DEFAULT",
+    "QUICK",
+    "REAL_SHAPES",
+    "SCENARIOS",
+    "Scenario",
+    "live_settings",
+    "real_scenario",
+    "set_flags",
+]
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -49,12 +58,17 @@ class Scenario:
     tp: int = 2
     kv_tokens: int = 150_000
     speed: float = 10.0
+    preset: str | None = None
+    """A measured engine (``concur sim run --preset``) instead of model/GPU/TP: the real
+    vLLM scenarios' ``cpu-tiny``."""
 
     def trace(self) -> Trace:
         return generate(self.shape, self.seed, **dict(self.overrides))
 
     def engine_spec(self) -> EngineSpec:
         """The offline simulator's view of the same engine."""
+        if self.preset is not None:
+            return EngineSpec.from_preset(self.preset, kv_capacity_tokens=self.kv_tokens)
         return EngineSpec(
             model=self.model, gpu=self.gpu, tp=self.tp, kv_capacity_tokens=self.kv_tokens
         )
@@ -93,6 +107,7 @@ class Scenario:
             "tp": self.tp,
             "kv_tokens": self.kv_tokens,
             "speed": self.speed,
+            "preset": self.preset,
         }
 
 
@@ -129,12 +144,42 @@ QUICK = Scenario(
 
 SCENARIOS: Mapping[str, Scenario] = MappingProxyType({"default": DEFAULT, "quick": QUICK})
 
+REAL_SHAPES = ("engine-bound", "tool-bound", "staggered")
+"""``concur demo --vllm --shape``: bench/real_engine.py's regimes."""
+
+
+def real_scenario(shape: str) -> Scenario:
+    """One of bench/real_engine.py's regimes on a real vLLM (its CPU build), in real time."""
+    if shape not in REAL_SHAPES:
+        raise ValueError(f"--shape must be one of {', '.join(REAL_SHAPES)} with --vllm")
+    trace = generate(shape, 0)
+    return Scenario(
+        name=f"vllm-{shape}",
+        description=(
+            f"{len(trace.agents)} coding agents ({shape}: {_REAL_WHY[shape]}), "
+            "32,768 tokens of KV cache"
+        ),
+        shape=shape,
+        model="concur-tiny",
+        kv_tokens=32_768,
+        speed=1.0,
+        preset="cpu-tiny",
+    )
+
+
+_REAL_WHY = {
+    "engine-bound": "long outputs, short tool calls: the engine is the bottleneck",
+    "tool-bound": "short outputs, long tool calls: the engine idles between steps",
+    "staggered": "arrivals over time, mixed step counts",
+}
+
 
 def live_settings(speed: float, control_interval: float = 1.0) -> dict[str, Any]:
     """``concur serve`` settings (dotted keys) that run its control loop on simulated time.
 
-    The control interval, the metric poll interval (half of it) and AIMD's
-    decrease cooldown are given in simulated seconds and divided by ``speed``;
+    The control interval, the metric poll interval (half of it), AIMD's decrease
+    cooldown and its engine-aware dwell and reprobe are given in simulated seconds and
+    divided by ``speed``;
     staleness stays generous in wall seconds, so a busy engine does not look dead.
     """
     interval = control_interval / speed
@@ -145,6 +190,8 @@ def live_settings(speed: float, control_interval: float = 1.0) -> dict[str, Any]
         "engine.poll_timeout": max(1.0, 4 * poll),
         "engine.stale_after": max(2.0, 8 * poll),
         "policy.aimd.decrease_cooldown": 5.0 / speed,
+        "policy.aimd.open_dwell": 2.0 / speed,
+        "policy.aimd.reprobe": 120.0 / speed,
         "server.drain_timeout": 5.0,
     }
 

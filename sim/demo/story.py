@@ -130,7 +130,7 @@ def _outcome(direct: RunRecord, controlled: RunRecord) -> str:
     if not (d["makespan_s"] and c["makespan_s"]):
         return f"{who} did not finish a comparable run."
     gain = d["makespan_s"] / c["makespan_s"]
-    times = f"{c['makespan_s']:,.0f} vs {d['makespan_s']:,.0f} simulated s"
+    times = f"{c['makespan_s']:,.0f} vs {d['makespan_s']:,.0f} {direct.unit}"
     speed = (
         f"{who} finished the swarm {gain:.2f}x faster than no control ({times})"
         if gain >= 1.0

@@ -24,6 +24,7 @@ _NOT_FOR_VLLM = (
     ("speed", 1.0, "--speed (a real engine runs in real time)"),
     ("fault_metrics", None, "--fault-metrics"),
     ("fault_completions", None, "--fault-completions"),
+    ("preset", None, "--preset (it models this very engine for the simulator)"),
 )
 
 

@@ -50,6 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-num-seqs", type=int, default=None, help="default: 256 (with --vllm: 128)"
     )
     eng.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help=(
+            "a measured engine instead of --model/--gpu/--tp: cpu-tiny (vLLM's CPU build "
+            "serving concur's tiny model, as 'concur engine --vllm' runs it)"
+        ),
+    )
+    eng.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="default: 8192 (--vllm: 2048)"
     )
     real = p.add_argument_group("a real vLLM instead of the simulated engine")
@@ -124,14 +133,22 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from concur.sim.server.app import EngineServerConfig
     from concur.sim.server.faults import Faults
 
-    spec = EngineSpec(
-        model=args.model,
-        gpu=args.gpu,
-        tp=args.tp,
-        kv_capacity_tokens=args.kv_tokens,
-        max_num_seqs=args.max_num_seqs or 256,
-        max_num_batched_tokens=args.max_num_batched_tokens or 8192,
-    )
+    if args.preset is not None:
+        spec = EngineSpec.from_preset(
+            args.preset,
+            kv_capacity_tokens=args.kv_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+    else:
+        spec = EngineSpec(
+            model=args.model,
+            gpu=args.gpu,
+            tp=args.tp,
+            kv_capacity_tokens=args.kv_tokens,
+            max_num_seqs=args.max_num_seqs or 256,
+            max_num_batched_tokens=args.max_num_batched_tokens or 8192,
+        )
     spec.build()  # fail now on an unknown model or GPU, or a bad capacity
     return EngineServerConfig(
         spec=spec,

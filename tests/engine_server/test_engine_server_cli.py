@@ -37,10 +37,19 @@ def test_flags_build_the_config() -> None:
     assert cli.config_from_args(parse()).served_model_name == "concur-sim/qwen3-32b"
 
 
+def test_a_preset_is_the_measured_engine() -> None:
+    config = cli.config_from_args(parse("--preset", "cpu-tiny", "--kv-tokens", "16384"))
+    assert config.spec.preset == "cpu-tiny"
+    assert config.spec.kv_capacity_tokens == 16_384
+    assert (config.spec.block_size, config.spec.max_num_batched_tokens) == (128, 2048)
+    assert config.spec.build().block_size == 128
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
         (("--model", "gpt-5"), "unknown model 'gpt-5'"),
+        (("--preset", "h100-huge"), "unknown engine preset 'h100-huge'"),
         (("--speed", "0"), "speed must be a positive number"),
         (("--kv-tokens", "10"), "kv_capacity_tokens must be >= 32"),
         (("--default-max-tokens", "0"), "default_max_tokens must be >= 1"),
