@@ -64,6 +64,7 @@ from concur.sim.trace import Trace
 REGIMES = ("tool-bound", "engine-bound", "staggered")
 DEFAULT_POLICIES = ("none", "static:2", "static:4", "static:6", "static:8", "aimd")
 SAMPLE_S = 0.5
+ENGINES = {"vllm": "vLLM 0.32.0 CPU build", "sim": "concur engine --preset cpu-tiny"}
 
 
 @dataclass
@@ -94,13 +95,55 @@ class Run:
 # ---------------------------------------------------------------- engine metrics
 
 
-def scrape(server: VllmServer) -> EngineSignal:
+def scrape(server: Engine) -> EngineSignal:
     with httpx.Client(trust_env=False, timeout=10.0) as http:
         return parse_vllm(http.get(server.url + "/metrics").text, time.monotonic())
 
 
 def _delta(after: float | None, before: float | None) -> float:
     return math.nan if after is None or before is None else after - before
+
+
+# --------------------------------------------------------------------- engines
+
+
+@dataclass(frozen=True)
+class SimEngineConfig:
+    served_model_name: str
+    kv_tokens: int
+
+
+class SimEngine:
+    """``concur engine --preset cpu-tiny`` in real time: the simulated twin of the real
+    engine, for peers side by side on it (``--engine sim``). Emptying its prefix cache
+    restarts it (a fresh process is a cold engine, counters from zero)."""
+
+    def __init__(self, sup: Supervisor, kv_tokens: int) -> None:
+        self.sup = sup
+        self.config = SimEngineConfig("concur-sim/cpu-tiny", kv_tokens)
+        self.child: Child | None = None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> SimEngine:
+        argv = [sys.executable, "-m", "concur", "engine", "--preset", "cpu-tiny"]
+        argv += ["--kv-tokens", str(self.config.kv_tokens), "--port", str(self.port)]
+        self.child = self.sup.start("concur-engine", [*argv, "--log-level", "warning"])
+        wait_http(self.child, self.url + "/health", timeout=60.0)
+        return self
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.sup.stop(self.child)
+        self.child = None
+
+    def reset_prefix_cache(self) -> bool:
+        self.stop()
+        self.start()
+        return True
+
+
+Engine = VllmServer | SimEngine
 
 
 # ---------------------------------------------------------------------- fronts
@@ -220,7 +263,7 @@ def read_concur_log(path: Path, t0_wall: float) -> tuple[list[tuple[float, int |
 
 
 def one_run(
-    server: VllmServer, fronts: Fronts, trace: Trace, regime: str, policy: str, repeat: int
+    server: Engine, fronts: Fronts, trace: Trace, regime: str, policy: str, repeat: int
 ) -> Run:
     run = Run(regime, policy, repeat, agents=len(trace.agents))
     if not server.reset_prefix_cache():
@@ -482,12 +525,15 @@ def measure(
         f"policies {', '.join(policies)}, {args.repeats} repeats, load {loadavg()}",
         flush=True,
     )
-    config = VllmServerConfig(model=make_model(), kv_blocks=args.kv_blocks)
     runs: list[Run] = []
-    server = VllmServer(config, log_path=args.out / "vllm.log")
     with Supervisor(args.out / "logs") as sup:
-        server.start()
-        print(f"  {pin_away_from_the_model(server.child.pid)}", flush=True)
+        server: Engine
+        if args.engine == "sim":
+            server = SimEngine(sup, args.kv_blocks * 128).start()
+        else:
+            config = VllmServerConfig(model=make_model(), kv_blocks=args.kv_blocks)
+            server = VllmServer(config, log_path=args.out / "vllm.log").start()
+            print(f"  {pin_away_from_the_model(server.child.pid)}", flush=True)
         fronts = Fronts(sup, server.url, ta_python)
         try:
             for regime in regimes:
@@ -495,7 +541,7 @@ def measure(
                 for k in range(args.repeats):
                     order = policies[k % len(policies) :] + policies[: k % len(policies)]
                     for policy in order:
-                        if args.restart and runs:
+                        if args.restart and runs and isinstance(server, VllmServer):
                             server.stop()
                             os.sched_setaffinity(0, range(os.cpu_count() or 1))
                             server = VllmServer(config, log_path=args.out / "vllm.log")
@@ -537,6 +583,12 @@ def main() -> int:
     ap.add_argument("--kv-blocks", type=int, default=256, help="KV cache in 128-token blocks")
     ap.add_argument("--thunderagent", type=Path, default=None, help="ThunderAgent checkout")
     ap.add_argument("--restart", action="store_true", help="restart vLLM before every run")
+    ap.add_argument(
+        "--engine",
+        choices=("vllm", "sim"),
+        default="vllm",
+        help="the real vLLM, or its simulated twin (concur engine --preset cpu-tiny)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/real-engine"))
     ap.add_argument(
         "--report",
@@ -569,7 +621,7 @@ def main() -> int:
         repeats = args.repeats
     lines = [
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()} ({platform.node()}), "
-        f"vLLM 0.32.0 CPU build, KV cache {args.kv_blocks * 128:,} tokens, "
+        f"{ENGINES[args.engine]}, KV cache {args.kv_blocks * 128:,} tokens, "
         f"{repeats} repeats, load at the end {loadavg()}.",
         "",
     ]

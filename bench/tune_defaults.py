@@ -1,7 +1,11 @@
 """Choose concur's defaults by measurement: sweep policies and AIMD settings over traces.
 
-    .venv/bin/python bench/tune_defaults.py [--traces swe,staggered,tracelab,chat] [--jobs 2]
+    .venv/bin/python bench/tune_defaults.py [--traces swe-swarm,chat,...] [--jobs 2]
         [--out out/tune] [--quick]
+
+Traces: swe-swarm, swe-swarm-staggered, tracelab, chat (Qwen3-32B on 2 x H100, roofline),
+and the three regimes of bench/real_engine.py, tool-bound, engine-bound and staggered, on
+the ``cpu-tiny`` preset (the real engine's measured costs), seed 0 as the benchmark runs them.
 
 For each trace it runs ``unlimited``, a sweep of fixed caps (the best one found
 in hindsight is the bar to meet), the shipped policies and presets, and one-
@@ -42,6 +46,7 @@ class Variant:
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("aimd (default)", "aimd"),
+    Variant("aimd:cache (working set kept resident, not engine-aware)", "aimd:cache"),
     Variant("aimd high .90 low .80", "aimd", {"high": 0.9, "low": 0.8}),
     Variant("aimd high .95 low .85", "aimd", {"high": 0.95, "low": 0.85}),
     Variant("aimd additive increase", "aimd", {"increase": "additive"}),
@@ -58,7 +63,16 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fit", "fit"),
     Variant("epp", "epp"),
 )
-QUICK = ("aimd (default)", "aimd:kv", "aimd:paper", "fit", "epp")
+QUICK = (
+    "aimd (default)",
+    "aimd:cache (working set kept resident, not engine-aware)",
+    "aimd:kv",
+    "aimd:paper",
+    "fit",
+    "epp",
+)
+ALL_TRACES = "swe-swarm,swe-swarm-staggered,tracelab,chat,tool-bound,engine-bound,staggered"
+REAL_REGIMES = ("tool-bound", "engine-bound", "staggered")
 
 
 @dataclass(frozen=True)
@@ -72,19 +86,18 @@ class Case:
 def cases(names: list[str]) -> list[Case]:
     out: list[Case] = []
     for name in names:
-        if name == "swe":
-            out.append(Case("swe-swarm", generate("swe-swarm", 0), (4, 6, 8, 10)))
-        elif name == "staggered":
-            out.append(
-                Case("swe-swarm-staggered", generate("swe-swarm-staggered", 0), (4, 6, 8, 10))
-            )
+        if name in ("swe-swarm", "swe-swarm-staggered"):
+            out.append(Case(name, generate(name, 0), (4, 6, 8, 10)))
         elif name == "tracelab":
             trace = import_trace("tracelab-csv", SHARED / "tracelab_multi_session_large.csv")
             out.append(Case("tracelab-csv", trace, (8, 16, 24, 32, 48)))
         elif name == "chat":
             out.append(Case("chat", generate("chat", 0), (16, 32, 64, 128)))
+        elif name in REAL_REGIMES:
+            engine = EngineSpec.from_preset("cpu-tiny")
+            out.append(Case(f"{name} (cpu-tiny)", generate(name, 0), (2, 4, 6, 8, 12), engine))
         else:
-            raise SystemExit(f"unknown trace {name!r}; choose from swe, staggered, tracelab, chat")
+            raise SystemExit(f"unknown trace {name!r}; choose from {ALL_TRACES}")
     return out
 
 
@@ -108,7 +121,7 @@ def jobs_for(case: Case, variants: tuple[Variant, ...]) -> list[Job]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default="swe,staggered,tracelab,chat")
+    ap.add_argument("--traces", default=ALL_TRACES, help=f"comma-separated (default {ALL_TRACES})")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("out/tune"))
     ap.add_argument("--quick", action="store_true", help="only the shipped policies")
