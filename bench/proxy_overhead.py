@@ -120,7 +120,9 @@ def concur_proc(
     if profile:
         head = [python, str(HERE / "_profiled.py"), profile, "concur"]
     else:
-        head = [python, "-m", "concur"]
+        # -P: the interpreter's own install of concur, never the one in the current
+        # directory (a baseline build would otherwise run this checkout's code).
+        head = [python, "-P", "-m", "concur"]
     listen = f"127.0.0.1:{port}"
     return Proc(
         name,

@@ -55,9 +55,10 @@ class UpstreamSettings(_Section):
     ca_file: str | None = None
     """PEM file of CA certificates to trust, besides the system's, for an https engine
     (its OpenAI server and metrics URL)."""
-    framing: Literal["builtin", "httptools", "aiohttp"] = "builtin"
-    """Parser of the engine's responses: concur's own (builtin), llhttp through
-    httptools, or aiohttp's C parser."""
+    framing: Literal["builtin", "httptools", "aiohttp"] = "httptools"
+    """Parser of the engine's responses: llhttp through httptools (the default: as cheap as
+    concur's own parser or cheaper in bench/proxy_overhead.py), aiohttp's C parser, or
+    concur's own (builtin)."""
 
     @field_validator("url")
     @classmethod
