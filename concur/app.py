@@ -11,7 +11,7 @@ Own endpoints (answered here, never forwarded):
 =========================  ==========================================================
 ``GET /concur/status``     window, agents, pressure, engine signal, policy (JSON)
 ``GET /concur/agents``     every admitted and queued agent (JSON)
-``DELETE /concur/agents/{id}``  end an agent now (admin token)
+``DELETE /concur/agents/{id}``  end an agent now (admin token, or the agent itself)
 ``GET/PUT /concur/policy``  read / swap the policy live (PUT needs the admin token)
 ``GET /metrics``           concur's own Prometheus metrics
 ``GET /healthz``           the process is alive
@@ -64,12 +64,22 @@ async def _agents(request: web.Request) -> web.Response:
     return _json({"agents": [a.to_json() for a in _views.agents(request.app[RUNTIME])]})
 
 
+def _from_agent(rt: Runtime, request: web.Request, agent_id: str) -> bool:
+    """Whether ``request`` comes from agent ``agent_id`` itself: its id in an identity
+    header (as its own done step could end it, so can this)."""
+    try:
+        found = rt.proxy.inspector.identity.extract(request.headers, None)
+    except ValueError:
+        return False
+    return found is not None and found[0] == agent_id
+
+
 async def _delete_agent(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    refused = rt.admin.authorize(request)
+    agent_id = request.match_info["agent_id"]
+    refused = None if _from_agent(rt, request, agent_id) else rt.admin.authorize(request)
     if refused is not None:
         return refused
-    agent_id = request.match_info["agent_id"]
     if not rt.gate.end(agent_id, "deleted"):
         return openai_error(
             404, f"no agent {agent_id!r} is admitted or queued", type_="not_found", code="no_agent"
