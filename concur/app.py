@@ -39,6 +39,7 @@ from aiohttp import web
 
 from concur import _views, logs
 from concur._errors import openai_error
+from concur._listen import BoundSite, ListenError, bind
 from concur.config import Settings
 from concur.poller import Poller
 from concur.runtime import Clock, Runtime
@@ -47,6 +48,8 @@ log = logging.getLogger("concur.app")
 
 
 RUNTIME = web.AppKey("concur_runtime", Runtime)
+ADMIN_MAX_BODY = 1 << 20
+"""Largest body of an admin request (``PUT /concur/policy``), in bytes."""
 
 
 # ----------------------------------------------------------------- handlers
@@ -99,6 +102,13 @@ async def _put_policy(request: web.Request) -> web.Response:
         return refused
     try:
         payload = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        return openai_error(
+            413,
+            f"the policy body is larger than {ADMIN_MAX_BODY} bytes",
+            type_="invalid_request_error",
+            code="request_too_large",
+        )
     except ValueError:
         return openai_error(
             400, "the body must be a JSON object", type_="invalid_request_error", code="bad_json"
@@ -153,7 +163,7 @@ def build_app(
     """
     # client_max_size only bounds request.read()/json() (admin endpoints); the proxy
     # streams bodies itself and enforces server.max_body_bytes.
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=ADMIN_MAX_BODY)
     runtime = Runtime(settings, clock=clock, poller=poller)
     app[RUNTIME] = runtime
 
@@ -212,14 +222,20 @@ class Server:
             shutdown_timeout=drain_timeout,
             access_log=None,
         )
+        self._set_up = False
 
     async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, backlog=self.backlog)
-        await site.start()
-        addresses = self.runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        """Bind the address first (an OSError then, and nothing has started), then start
+        the application (its runtime logs ``started``), then serve."""
+        bound = await bind(self.host, self.port, self.backlog, self.runner)
+        try:
+            self._set_up = True
+            await self.runner.setup()
+            await BoundSite(self.runner, bound).start()
+        except BaseException:
+            bound.close()
+            raise
+        self.port = int(bound.sockets[0].getsockname()[1])
         logs.event(log, "listening", host=self.host, port=self.port)
 
     @property
@@ -229,7 +245,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop listening, close the gate, drain in-flight requests, stop the loops."""
-        await self.runner.cleanup()
+        if self._set_up:
+            await self.runner.cleanup()
 
 
 def is_loopback(host: str) -> bool:
@@ -281,24 +298,27 @@ async def serve(settings: Settings) -> int:
     server = Server(
         app, settings.server.host, settings.server.port, drain_timeout=settings.server.drain_timeout
     )
+    try:
+        await server.start()
+    except ListenError as exc:
+        srv = settings.server
+        logs.event(
+            log,
+            "listen_failed",
+            logging.ERROR,
+            host=srv.host,
+            port=srv.port,
+            error=f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc}",
+            hint="another process may hold the port: stop it, or choose another address "
+            "with --listen HOST:PORT or server.port",
+        )
+        await server.stop()
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-    except OSError as exc:
-        logs.event(
-            log,
-            "listen_failed",
-            logging.ERROR,
-            host=settings.server.host,
-            port=settings.server.port,
-            error=str(exc),
-        )
-        await server.stop()
-        return 1
     freeze_startup_objects()
     try:
         await stop.wait()
