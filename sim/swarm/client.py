@@ -23,8 +23,11 @@ rather than when they look idle; the result then counts them as interrupted.
 
 Every request carries the agent's id in ``X-Concur-Agent-Id``. A failed request
 is retried with exponential backoff (honouring ``Retry-After``) up to
-``max_retries`` times; an agent that still fails gives up and is reported, and
-the swarm carries on. Errors are counted by kind, never raised.
+``max_retries`` times (concur's ``queue_timeout`` 429, an agent that waited
+``admission.max_queue_wait`` for a slot, is sent again after its ``Retry-After``
+without using up the retries: a batch swarm waits for slots by design); an agent
+that still fails gives up and is reported, and the swarm carries on. Errors are
+counted by kind, never raised.
 
 Times in results are *simulated* seconds (wall seconds x ``speed``) unless the
 field name says ``wall``, so a swarm against ``concur engine --speed 20`` reports
@@ -142,12 +145,20 @@ class RequestFailed(Exception):
     """One request failed; ``kind`` is its error class (``http_429``, ``connect``, ...)."""
 
     def __init__(
-        self, kind: str, message: str, *, retryable: bool, retry_after: float | None = None
+        self,
+        kind: str,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        waiting: bool = False,
     ) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.waiting = waiting
+        """concur's queue wait ran out: send again, not counted against the retries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +319,27 @@ def _error_message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace")
 
 
+def _error_code(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+        code = data.get("error", {}).get("code") if isinstance(data, dict) else None
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 def _http_error(resp: httpx.Response, body: bytes) -> RequestFailed:
     code = resp.status_code
+    if code == 429 and _error_code(body) == "queue_timeout":
+        # concur held the agent for admission.max_queue_wait: it waits again (a batch
+        # swarm waits for slots by design), without using up its retries.
+        return RequestFailed(
+            "queue_timeout",
+            f"HTTP 429: {_error_message(body)}",
+            retryable=True,
+            retry_after=_retry_after(resp),
+            waiting=True,
+        )
     kind = "http_429" if code == 429 else f"http_{code // 100}xx"
     retryable = code in (408, 409, 425, 429) or code >= 500
     return RequestFailed(
@@ -483,6 +513,10 @@ class _Swarm:
             except RequestFailed as exc:
                 self.errors[exc.kind] += 1
                 res.errors[exc.kind] = res.errors.get(exc.kind, 0) + 1
+                if exc.waiting:
+                    res.retries += 1
+                    await asyncio.sleep(exc.retry_after or self.opt.backoff_s)
+                    continue
                 if not exc.retryable or attempt >= self.opt.max_retries:
                     raise
                 delay = self.opt.backoff_s * (2**attempt)
