@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from concur._agent_queue import AgentQueue
+from concur._agent_table import AgentTable
 from concur._gate_model import Agent, AgentState, GateView, Pace, Ticket
 from concur._idle import IdleRule
 from concur._pace import PaceMeter
@@ -30,11 +31,9 @@ class GateViews:
     reason: str
     idle: IdleRule | None
     _clock: Callable[[], float]
-    _admitted: dict[str, Agent]
+    _admitted: AgentTable
     _queue: AgentQueue
     _held: deque[Ticket]
-    _live: int
-    _paused: int
     _pace: PaceMeter
 
     @property
@@ -44,15 +43,15 @@ class GateViews:
 
     @property
     def live(self) -> int:
-        return self._live
+        return self._admitted.live
 
     @property
     def paused(self) -> int:
-        return self._paused
+        return self._admitted.paused
 
     @property
     def active(self) -> int:
-        return self._live + self._paused
+        return self._admitted.live + self._admitted.paused
 
     @property
     def queued(self) -> int:
@@ -64,7 +63,7 @@ class GateViews:
 
     def agents(self) -> Iterator[Agent]:
         """Admitted agents in admission order, then queued ones in queue order."""
-        yield from self._admitted.values()
+        yield from self._admitted
         yield from self._queue
 
     def get(self, agent_id: str) -> Agent | None:
@@ -88,7 +87,7 @@ class GateViews:
 
     def view(self) -> GateView:
         live_state = AgentState.LIVE
-        admitted = list(reversed(self._admitted.values()))
+        admitted = self._admitted.newest_first()
         live = [a for a in admitted if a.state is live_state]
         live_ctx = list(map(_context_tokens, live))
         if len(live) == len(admitted):
@@ -99,8 +98,8 @@ class GateViews:
         candidates.extend(map(_context_tokens, self._queue.order()))
         return GateView(
             window=self.window,
-            live=self._live,
-            paused=self._paused,
+            live=self._admitted.live,
+            paused=self._admitted.paused,
             queued=len(self._queue),
             held=len(self._held),
             live_tokens=sum(live_ctx),

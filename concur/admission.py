@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 
 from concur._agent_queue import AgentQueue
+from concur._agent_table import AgentTable
 from concur._gate_model import (
     AdmissionError,
     Agent,
@@ -116,11 +117,9 @@ class AdmissionGate(GateViews):
         self.observer: GateObserver | None = None
         """Told of finished steps and ended agents (set by the policy side's features)."""
         self._seq = itertools.count()
-        self._admitted: dict[str, Agent] = {}
+        self._admitted = AgentTable()
         self._queue = AgentQueue()
         self._held: deque[Ticket] = deque()
-        self._live = 0
-        self._paused = 0
         self._closed = False
         self._pace = PaceMeter()
 
@@ -182,7 +181,7 @@ class AdmissionGate(GateViews):
             priority=priority,
             context_tokens=context_tokens,
         )
-        if self._room() and not self._paused and not self._queue and self.admit_new:
+        if self._room() and not self._admitted.paused and not self._queue and self.admit_new:
             self._admit(agent, now)
             return self._grant_or_hold(agent, ticket, now)
         if self.max_queue_len is not None and len(self._queue) >= self.max_queue_len:
@@ -206,7 +205,7 @@ class AdmissionGate(GateViews):
         self._ungrant(ticket, now)
         if ticket.usage_tokens is not None:
             self._pace.served(ticket.usage_tokens)
-        agent = self._counted_in(ticket)
+        agent = self._admitted.owner(ticket)
         if agent is None:
             return
         agent.in_flight -= 1
@@ -244,7 +243,7 @@ class AdmissionGate(GateViews):
         if ticket.status is TicketStatus.GRANTED:
             ticket.status = TicketStatus.CANCELLED
             self._ungrant(ticket, now)
-            agent = self._counted_in(ticket)
+            agent = self._admitted.owner(ticket)
             if agent is not None:
                 agent.in_flight -= 1
                 self._after_abandon(agent, ticket, now, client_gone)
@@ -254,7 +253,7 @@ class AdmissionGate(GateViews):
         ticket.status = TicketStatus.CANCELLED
         if ticket.held:
             self._held.remove(ticket)
-            agent = self._counted_in(ticket)
+            agent = self._admitted.owner(ticket)
             if agent is not None:
                 agent.in_flight -= 1
                 self._after_abandon(agent, ticket, now, client_gone)
@@ -318,24 +317,15 @@ class AdmissionGate(GateViews):
         self.hold_requests = hold_requests
         self.admit_new = admit_new
         self.reason = reason
-        if pause and window is not None and self._live > window:
-            excess = self._live - window
-            for agent in reversed(list(self._admitted.values())):
-                if excess == 0:
-                    break
-                if agent.state is AgentState.LIVE:
-                    agent.state = AgentState.PAUSED
-                    agent.since = now
-                    self._live -= 1
-                    self._paused += 1
-                    excess -= 1
-                    self._emit("paused", agent.agent_id, now)
+        if pause and window is not None and self._admitted.live > window:
+            for agent in self._admitted.pause_newest(self._admitted.live - window, now):
+                self._emit("paused", agent.agent_id, now)
         self._fill(release_limit, now)
         if not hold_requests:
             while self._held:
                 ticket = self._held.popleft()
                 ticket.held = False
-                owner = self._counted_in(ticket)
+                owner = self._admitted.owner(ticket)
                 if owner is not None and owner.state is AgentState.PAUSED:
                     # Paused meanwhile: it waits like its agent's other next steps.
                     owner.in_flight -= 1
@@ -355,11 +345,7 @@ class AdmissionGate(GateViews):
         if rule is None:
             return []
         now = self._clock()
-        over = [
-            (a, why)
-            for a in self._admitted.values()
-            if a.in_flight == 0 and not a.pending and (why := rule.gone(a, now)) is not None
-        ]
+        over = self._admitted.over(rule, now)
         for agent, why in over:
             self._end(agent, now, why)
         return [a.agent_id for a, _ in over]
@@ -390,7 +376,7 @@ class AdmissionGate(GateViews):
     # -------------------------------------------------------------- internal
 
     def _room(self) -> bool:
-        return self.window is None or self._live < self.window
+        return self.window is None or self._admitted.live < self.window
 
     def _fill(self, limit: int | None, now: float) -> None:
         released = 0
@@ -400,12 +386,7 @@ class AdmissionGate(GateViews):
                 break
             released += 1
             if agent.state is AgentState.PAUSED:
-                paused_for = now - agent.since
-                agent.state = AgentState.LIVE
-                agent.since = now
-                self._paused -= 1
-                self._live += 1
-                self._emit("resumed", agent.agent_id, now, paused_for)
+                self._emit("resumed", agent.agent_id, now, self._admitted.resume(agent, now))
             else:
                 self._queue.remove(agent.agent_id)
                 self._admit(agent, now)
@@ -413,26 +394,15 @@ class AdmissionGate(GateViews):
                 self._grant_or_hold(agent, agent.pending.pop(0), now)
 
     def _next_candidate(self) -> Agent | None:
-        if self._paused:  # in admission order, as paused agents are listed by view()
-            return next(a for a in self._admitted.values() if a.state is AgentState.PAUSED)
+        paused = self._admitted.first_paused()  # in admission order, as view() lists them
+        if paused is not None:
+            return paused
         if not self.admit_new:
             return None
         return self._queue.first()
 
     def _admit(self, agent: Agent, now: float) -> None:
-        waited = now - agent.since
-        agent.state = AgentState.LIVE
-        agent.since = now
-        agent.admitted_at = now
-        agent.last_seen = now
-        self._admitted[agent.agent_id] = agent
-        self._live += 1
-        self._emit("admitted", agent.agent_id, now, waited)
-
-    def _counted_in(self, ticket: Ticket) -> Agent | None:
-        """The admitted agent whose ``in_flight`` counts ``ticket``, if it is still admitted."""
-        agent = ticket.agent
-        return agent if self._admitted.get(ticket.agent_id) is agent else None
+        self._emit("admitted", agent.agent_id, now, self._admitted.admit(agent, now))
 
     def _grant_or_hold(self, agent: Agent, ticket: Ticket, now: float) -> Ticket:
         # in_flight counts held tickets too: an agent with a held request is not idle.
@@ -468,12 +438,8 @@ class AdmissionGate(GateViews):
         if agent.state is AgentState.QUEUED:
             self._queue.remove(agent.agent_id)
         else:
-            if self._admitted.pop(agent.agent_id, None) is None:
+            if not self._admitted.remove(agent):
                 return
-            if agent.state is AgentState.LIVE:
-                self._live -= 1
-            else:
-                self._paused -= 1
             if self.observer is not None:
                 self.observer.agent_ended(agent, reason)
         pending = list(agent.pending)
