@@ -179,7 +179,7 @@ class AdmissionSettings(_Section):
     idle_timeout_new: float = Field(30.0, gt=0)
     """Idle timeout, in seconds, of an agent that has not come back after a response
     yet (a one-off request looks like that), within idle_timeout."""
-    disconnect_grace: float = Field(5.0, ge=0)
+    disconnect_grace: float = Field(5.0, ge=0, le=3600)
     """Seconds an agent keeps its slot after its client hung up on a request (closed the
     connection before the response ended): a new request within them keeps the agent,
     else its slot is freed (a killed client frees its slot in seconds, not minutes)."""
