@@ -19,10 +19,26 @@ from pydantic import SecretStr, ValidationError
 from concur import logs
 from concur._errors import openai_error
 from concur.config import deep_merge, explain
+from concur.config._errors import Layer
 from concur.control import Controller
 from concur.policies import PolicyError, PolicySettings, build_policy
 
 log = logging.getLogger("concur.app")
+
+
+SOURCE = "PUT /concur/policy"
+
+
+def policy_problems(exc: ValidationError, payload: dict[str, Any]) -> list[str]:
+    """Every problem of a policy payload, worded as the config loader words them: the
+    full key (``policy.aimd.high``), the value, where it came from, what is wrong."""
+    layer = Layer({(str(key),): SOURCE for key in payload})
+    return [
+        "policy" + line.removeprefix("(top level)")
+        if line.startswith("(top level)")
+        else "policy." + line
+        for line in explain(exc, PolicySettings, [layer])
+    ]
 
 
 class Admin:
@@ -74,7 +90,7 @@ class Admin:
         try:
             new_settings = PolicySettings.model_validate(merged)
         except ValidationError as exc:  # worded as the config loader words it
-            raise ValueError("; ".join(explain(exc, PolicySettings))) from None
+            raise ValueError("; ".join(policy_problems(exc, payload))) from None
         try:
             policy = build_policy(None, new_settings)
         except PolicyError as exc:

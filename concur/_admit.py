@@ -43,6 +43,9 @@ class Permit:
     :class:`~concur.admission.AgentEnded` or :class:`~concur.admission.GateClosed`;
     cancelled while waiting, it leaves no trace in the gate. Leaving finishes the
     ticket; set ``ticket.usage_tokens`` before to record the agent's context size.
+    Cancelled inside (the client hung up: aiohttp cancels the handler), or with
+    ``ticket.client_gone`` set, the agent's disconnect grace starts
+    (``admission.disconnect_grace``): unless it sends again, its slot is freed.
     """
 
     __slots__ = ("_context_tokens", "_done", "_gate", "agent_id", "ticket")
@@ -114,6 +117,13 @@ class Permit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        ticket = self.ticket
+        if (
+            ticket is not None
+            and exc_type is not None
+            and issubclass(exc_type, asyncio.CancelledError)
+        ):
+            ticket.client_gone = True
         self.release()
 
 

@@ -148,8 +148,10 @@ class Relayer:
                         await resp.write(rest)
                 await resp.write_eof()
         except ConnectionResetError:
-            # The client went away (without handler cancellation): nothing left to do.
+            # The client went away (without handler cancellation): its agent may be gone.
             logs.event(log, "client_gone", logging.DEBUG, request_id=rid, agent=step.agent_id)
+            if ticket is not None:
+                ticket.client_gone = True
             return resp, False
         finally:
             watch.cancel()

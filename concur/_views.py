@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from yarl import URL
 
 from concur.adapters.signal import EngineSignal
+from concur.admission import AdmissionGate, AgentState, WaitReason
 from concur.metrics import GaugeValues
 from concur.upstream import UpstreamError
 
@@ -61,6 +62,12 @@ class Status:
     poll_error: str | None
     policy: dict[str, object]
     failure_mode: str
+    queue_reason: str | None
+    """Why new agents wait now (None: none does): window full, engine stale, ..."""
+    waiting: dict[str, int]
+    """What waits, by reason: queued agents under window_full, engine_stale,
+    admission_paused, resuming_first or release_pace; paused agents; held requests
+    (see ``concur._waits``)."""
     upstream: str
     shutting_down: bool
     uptime_seconds: float
@@ -69,9 +76,18 @@ class Status:
         return asdict(self)
 
 
+def _waiting(gate: AdmissionGate, queue: WaitReason | None) -> dict[str, int]:
+    """Queued agents under their reason's code, paused agents, held requests."""
+    counts = {"paused": gate.paused, "held": gate.held}
+    if queue is not None:
+        counts[queue.code] = gate.queued
+    return {code: n for code, n in sorted(counts.items()) if n}
+
+
 def status(rt: Runtime) -> Status:
     now = rt.clock()
     view = rt.gate.view()
+    queue = rt.gate.queue_reason()
     last = rt.controller.last
     poller = rt.poller
     return Status(
@@ -95,6 +111,8 @@ def status(rt: Runtime) -> Status:
         poll_error=poller.last_error,
         policy=rt.controller.policy.describe(),
         failure_mode=rt.controller.failure_mode,
+        queue_reason=None if queue is None else queue.detail,
+        waiting=_waiting(rt.gate, queue),
         upstream=redact(rt.options.upstream),
         shutting_down=rt.shutting_down,
         uptime_seconds=now - rt.started_at,
@@ -116,6 +134,18 @@ class AgentRow:
     pending: int
     context_tokens: int
     ending: bool
+    idle_timeout_seconds: float | None
+    """How long it may stay idle now before its slot is freed: adapted to its longest
+    pause so far (longest_pause_seconds), within admission.idle_timeout_min and
+    admission.idle_timeout."""
+    longest_pause_seconds: float | None
+    hung_up_seconds: float | None
+    """Seconds since its client hung up mid-request (None: it did not); its slot is
+    freed admission.disconnect_grace after, unless it sends again."""
+    waiting_for: str | None
+    """Why it (or a request of it) waits, as a code (see Status.waiting); None: it does not."""
+    why: str | None
+    """The same, in a sentence."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,21 +159,35 @@ def agents(rt: Runtime) -> list[AgentRow]:
     def iso(t: float) -> str:
         return datetime.fromtimestamp(wall - (now - t), tz=UTC).isoformat(timespec="seconds")
 
-    return [
-        AgentRow(
-            id=a.agent_id,
-            state=str(a.state),
-            since=iso(a.since),
-            in_state_seconds=round(now - a.since, 3),
-            idle_seconds=round(now - a.last_seen, 3),
-            requests=a.requests,
-            in_flight=a.in_flight,
-            pending=len(a.pending),
-            context_tokens=a.context_tokens,
-            ending=a.ending,
+    gate = rt.gate
+    rows = []
+    for a in gate.agents():
+        limit = gate.idle_limit(a) if a.state is not AgentState.QUEUED else None
+        why = gate.waiting_for(a)
+        rows.append(
+            AgentRow(
+                id=a.agent_id,
+                state=str(a.state),
+                since=iso(a.since),
+                in_state_seconds=round(now - a.since, 3),
+                idle_seconds=round(now - a.last_seen, 3),
+                requests=a.requests,
+                in_flight=a.in_flight,
+                pending=len(a.pending),
+                context_tokens=a.context_tokens,
+                ending=a.ending,
+                idle_timeout_seconds=None if limit is None else round(limit, 3),
+                longest_pause_seconds=_round(a.longest_pause),
+                hung_up_seconds=None if a.gone_at is None else round(now - a.gone_at, 3),
+                waiting_for=None if why is None else why.code,
+                why=None if why is None else why.detail,
+            )
         )
-        for a in rt.gate.agents()
-    ]
+    return rows
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def gauges(rt: Runtime) -> GaugeValues:

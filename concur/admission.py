@@ -7,7 +7,10 @@ The proxy waits for it with a :class:`concur.Permit` (``concur._admit``), the
 simulator schedules on the callback. What the policy side learns from the agents'
 progress (their context growth, see ``concur._features``) it learns through a
 :class:`GateObserver`; the gate itself keeps the agent table, the window, the queue
-and the requests' timing (:class:`Pace`).
+(``concur._agent_queue``) and the requests' timing (:class:`Pace`,
+``concur._pace``). Its records are in ``concur._gate_model``; when an idle agent
+counts as gone is :class:`~concur._idle.IdleRule`'s call, why a waiting one waits
+``concur._waits``'.
 
 Agents move through three states:
 
@@ -27,184 +30,60 @@ agents end, ``active == 0`` and ``queued == 0``.
 from __future__ import annotations
 
 import itertools
-import operator
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Protocol
+from collections.abc import Callable
+
+from concur._agent_queue import AgentQueue
+from concur._agent_table import AgentTable
+from concur._gate_model import (
+    AdmissionError,
+    Agent,
+    AgentEnded,
+    AgentState,
+    GateClosed,
+    GateEvent,
+    GateObserver,
+    GateView,
+    Pace,
+    QueueFull,
+    QueueTimeout,
+    Ticket,
+    TicketStatus,
+)
+from concur._gate_views import GateViews
+from concur._idle import IdleRule
+from concur._pace import PaceMeter
+from concur._waits import WaitReason, held, queue_full, queue_timeout, why_queued
+
+__all__ = [
+    "AdmissionError",
+    "AdmissionGate",
+    "Agent",
+    "AgentEnded",
+    "AgentState",
+    "Clock",
+    "GateClosed",
+    "GateEvent",
+    "GateObserver",
+    "GateView",
+    "IdleRule",
+    "Pace",
+    "QueueFull",
+    "QueueTimeout",
+    "Ticket",
+    "TicketStatus",
+    "WaitReason",
+]
 
 Clock = Callable[[], float]
 
-_context_tokens = operator.attrgetter("context_tokens")
-_priority = operator.attrgetter("priority")
-_requests = operator.attrgetter("requests")
 
+class AdmissionGate(GateViews):
+    """Agent table, window, FIFO queue and idle reaper; time comes from ``clock``.
 
-class AdmissionError(Exception):
-    """A request the gate will not let through; ``reason`` is a short machine code."""
-
-    reason = "rejected"
-    retry_after: float | None = None
-
-
-class QueueFull(AdmissionError):
-    reason = "queue_full"
-
-
-class QueueTimeout(AdmissionError):
-    reason = "queue_timeout"
-
-
-class AgentEnded(AdmissionError):
-    reason = "agent_ended"
-
-
-class GateClosed(AdmissionError):
-    reason = "shutting_down"
-
-
-class AgentState(StrEnum):
-    QUEUED = "queued"
-    LIVE = "live"
-    PAUSED = "paused"
-
-
-class TicketStatus(StrEnum):
-    WAITING = "waiting"
-    GRANTED = "granted"
-    DONE = "done"
-    REJECTED = "rejected"
-    CANCELLED = "cancelled"
-
-
-@dataclass(eq=False, slots=True)
-class Agent:
-    """One agent's row in the gate's table."""
-
-    agent_id: str
-    seq: int
-    state: AgentState
-    since: float
-    last_seen: float
-    priority: int = 0
-    context_tokens: int = 0
-    requests: int = 0
-    in_flight: int = 0
-    ending: bool = False
-    last_done: float | None = None
-    """When its last request finished, until its next one comes (its tool call's start)."""
-    admitted_at: float | None = None
-    pending: list[Ticket] = field(default_factory=list)
-    """Its requests waiting at the gate, oldest first (a list: rarely more than one, and
-    a deque costs 600 bytes for every queued agent)."""
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """One request's passage through the gate."""
-
-    agent_id: str
-    created_at: float
-    context_tokens: int = 0
-    done: bool = False
-    status: TicketStatus = TicketStatus.WAITING
-    error: AdmissionError | None = None
-    granted_at: float | None = None
-    new_agent: bool = False
-    """This request was its agent's first: it waited in the admission queue."""
-    held: bool = False
-    """Held by request-level gating (``epp``), not by agent admission."""
-    usage_tokens: int | None = None
-    """Set by the caller before :meth:`AdmissionGate.finish`: the agent's context after
-    this request (prompt + completion tokens), for working-set pressure."""
-    on_resolve: Callable[[Ticket], None] | None = None
-    agent: Agent | None = None
-    """The admitted agent this ticket counts in (``in_flight``) once granted or held: an
-    agent ended and admitted again under the same id is a new row the old ticket must not
-    touch."""
-
-    @property
-    def granted(self) -> bool:
-        return self.status is TicketStatus.GRANTED
-
-    @property
-    def waited(self) -> float | None:
-        return None if self.granted_at is None else self.granted_at - self.created_at
-
-
-@dataclass(frozen=True, slots=True)
-class GateEvent:
-    """Something the gate did, for logs and metrics."""
-
-    kind: str
-    """admitted, queued, full, timeout, cancelled, paused, resumed, ended, held, released."""
-    agent_id: str
-    at: float
-    waited: float | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Pace:
-    """Cumulative timing of the agents' requests; policies read differences between ticks.
-
-    What it takes to weigh the engine's idle time against the agents' tool calls: how
-    long the engine had at least one request of theirs, how long requests took, and
-    how long agents spent between a response and their next request.
+    ``idle_timeout`` alone is a fixed idle timeout; ``idle`` (an :class:`IdleRule`) an
+    adaptive one, and the grace after a client hangs up (see :meth:`reap`).
     """
-
-    busy_s: float = 0.0
-    """Time with at least one granted request in flight (the engine had work)."""
-    requests: int = 0
-    """Granted requests that ended (finished or given up)."""
-    latency_s: float = 0.0
-    """Sum of those requests' times from grant to end."""
-    tools: int = 0
-    """Returns from a tool call: an admitted agent's request after its previous response."""
-    tool_s: float = 0.0
-    """Sum of those pauses."""
-    served_tokens: int = 0
-    """Context tokens of the finished requests that reported their usage (prompt and
-    completion): work done, in a unit that grows with the agents' contexts."""
-
-
-@dataclass(frozen=True, slots=True)
-class GateView:
-    """A consistent snapshot of the gate, for policies and status pages."""
-
-    window: int | None
-    live: int
-    paused: int
-    queued: int
-    held: int
-    live_tokens: int
-    live_contexts_newest_first: tuple[int, ...]
-    live_steps_newest_first: tuple[int, ...]
-    """Requests each live agent has finished, in the order of the contexts above."""
-    candidate_contexts: tuple[int, ...]
-    pace: Pace = Pace()
-
-    @property
-    def active(self) -> int:
-        """Admitted agents, live or paused."""
-        return self.live + self.paused
-
-
-class GateObserver(Protocol):
-    """What the gate tells of the agents' progress beyond its :class:`GateEvent`: the
-    facts a feature learned on the policy side needs (see ``concur._features``)."""
-
-    def step_finished(self, agent: Agent, usage_tokens: int) -> None:
-        """A granted request of ``agent`` finished with its context at ``usage_tokens``;
-        ``agent.requests`` counts it already."""
-
-    def agent_ended(self, agent: Agent, reason: str) -> None:
-        """An admitted ``agent`` ended (``reason`` as in the ``ended`` event)."""
-
-
-class AdmissionGate:
-    """Agent table, window, FIFO queue and idle reaper; time comes from ``clock``."""
 
     def __init__(
         self,
@@ -214,108 +93,35 @@ class AdmissionGate:
         max_queue_len: int | None = None,
         max_queue_wait: float | None = None,
         idle_timeout: float | None = None,
+        idle: IdleRule | None = None,
+        retry_after: float = 1.0,
         on_event: Callable[[GateEvent], None] | None = None,
     ) -> None:
         self._clock = clock
         self.window = window
         self.max_queue_len = max_queue_len
         self.max_queue_wait = max_queue_wait
-        self.idle_timeout = idle_timeout
+        if idle is None and idle_timeout is not None:
+            idle = IdleRule(idle_timeout)
+        self.idle = idle
+        """When an idle admitted agent is over (None: never, until it ends)."""
+        self.retry_after = retry_after
+        """Seconds a refused client is told to wait before it retries (``Retry-After``)."""
         self.on_event = on_event
         self.hold_requests = False
         self.admit_new = True
         """False: queued agents wait whatever the window (see :meth:`apply`)."""
+        self.reason = ""
+        """The last decision's reason (``stale:<mode>`` on a stale engine signal): part
+        of what a waiting agent is told (``concur._waits``)."""
         self.observer: GateObserver | None = None
         """Told of finished steps and ended agents (set by the policy side's features)."""
         self._seq = itertools.count()
-        self._admitted: dict[str, Agent] = {}
-        self._queue: dict[str, Agent] = {}
+        self._admitted = AgentTable()
+        self._queue = AgentQueue()
         self._held: deque[Ticket] = deque()
-        self._live = 0
-        self._paused = 0
         self._closed = False
-        # Pace (see Pace): granted requests in flight now, since when the engine has had
-        # one, and the running sums.
-        self._granted_now = 0
-        self._busy_from = 0.0
-        self._busy_s = 0.0
-        self._ended_requests = 0
-        self._latency_s = 0.0
-        self._tools = 0
-        self._tool_s = 0.0
-        self._served_tokens = 0
-        # Whether any agent ever came with a priority other than 0. Until one does the
-        # queue is plain FIFO, and picking the next agent must not scan it (O(n) per
-        # admission made admitting hundreds from a queue of thousands take 0.2 s).
-        self._prioritized = False
-
-    # ----------------------------------------------------------------- views
-
-    @property
-    def live(self) -> int:
-        return self._live
-
-    @property
-    def paused(self) -> int:
-        return self._paused
-
-    @property
-    def active(self) -> int:
-        return self._live + self._paused
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
-    def agents(self) -> Iterator[Agent]:
-        """Admitted agents in admission order, then queued ones in queue order."""
-        yield from self._admitted.values()
-        yield from self._queue.values()
-
-    def get(self, agent_id: str) -> Agent | None:
-        return self._admitted.get(agent_id) or self._queue.get(agent_id)
-
-    def view(self) -> GateView:
-        live_state = AgentState.LIVE
-        admitted = list(reversed(self._admitted.values()))
-        live = [a for a in admitted if a.state is live_state]
-        live_ctx = list(map(_context_tokens, live))
-        if len(live) == len(admitted):
-            candidates: list[int] = []
-        else:
-            candidates = [a.context_tokens for a in admitted if a.state is not live_state]
-            candidates.reverse()
-        candidates.extend(map(_context_tokens, self._queue_order()))
-        return GateView(
-            window=self.window,
-            live=self._live,
-            paused=self._paused,
-            queued=len(self._queue),
-            held=len(self._held),
-            live_tokens=sum(live_ctx),
-            live_contexts_newest_first=tuple(live_ctx),
-            live_steps_newest_first=tuple(map(_requests, live)),
-            candidate_contexts=tuple(candidates),
-            pace=self.pace(),
-        )
-
-    def pace(self) -> Pace:
-        """The request timing so far (the busy period in progress included)."""
-        busy = self._busy_s
-        if self._granted_now:
-            busy += self._clock() - self._busy_from
-        return Pace(
-            busy,
-            self._ended_requests,
-            self._latency_s,
-            self._tools,
-            self._tool_s,
-            self._served_tokens,
-        )
+        self._pace = PaceMeter()
 
     # ------------------------------------------------------------- requests
 
@@ -347,9 +153,12 @@ class AdmissionGate:
         agent = self._admitted.get(agent_id)
         if agent is not None:
             agent.last_seen = now
+            agent.gone_at = None
             if agent.last_done is not None:  # back from its tool call
-                self._tools += 1
-                self._tool_s += now - agent.last_done
+                pause = now - agent.last_done
+                self._pace.tool_returned(pause)
+                if agent.longest_pause is None or pause > agent.longest_pause:
+                    agent.longest_pause = pause
                 agent.last_done = None
             agent.context_tokens = max(agent.context_tokens, context_tokens)
             if agent.state is AgentState.PAUSED:
@@ -372,38 +181,40 @@ class AdmissionGate:
             priority=priority,
             context_tokens=context_tokens,
         )
-        if priority:
-            self._prioritized = True
-        if self._room() and not self._paused and not self._queue and self.admit_new:
+        if self._room() and not self._admitted.paused and not self._queue and self.admit_new:
             self._admit(agent, now)
             return self._grant_or_hold(agent, ticket, now)
         if self.max_queue_len is not None and len(self._queue) >= self.max_queue_len:
             self._emit("full", agent_id, now)
-            err = QueueFull(
-                f"admission queue is full ({self.max_queue_len} agents waiting); retry later"
-            )
-            err.retry_after = self._retry_hint()
-            raise err
+            raise queue_full(self, self.max_queue_len)
         agent.pending.append(ticket)
-        self._queue[agent_id] = agent
-        self._emit("queued", agent_id, now)
+        self._queue.add(agent)
+        self._emit("queued", agent_id, now, detail=why_queued(self).code)
         return ticket
 
     def finish(self, ticket: Ticket) -> None:
-        """The granted request is over (success, error or client gone). Idempotent."""
+        """The granted request is over (success, error or client gone). Idempotent.
+
+        With ``ticket.client_gone`` set, the client hung up before the response ended:
+        its agent is over after the idle rule's ``disconnect_grace`` unless it sends again.
+        """
         if ticket.status is not TicketStatus.GRANTED:
             return
         ticket.status = TicketStatus.DONE
         now = self._clock()
         self._ungrant(ticket, now)
         if ticket.usage_tokens is not None:
-            self._served_tokens += ticket.usage_tokens
-        agent = self._counted_in(ticket)
+            self._pace.served(ticket.usage_tokens)
+        agent = self._admitted.owner(ticket)
         if agent is None:
             return
         agent.in_flight -= 1
         agent.requests += 1
         agent.last_seen = now
+        if ticket.client_gone:
+            self._hung_up(agent, now)
+        else:
+            agent.gone_at = None
         if agent.in_flight == 0:
             agent.last_done = now
         if ticket.usage_tokens is not None:
@@ -415,8 +226,8 @@ class AdmissionGate:
         if agent.ending and agent.in_flight == 0 and not agent.pending:
             self._end(agent, now, "done")
 
-    def abandon(self, ticket: Ticket) -> None:
-        """The caller gave up on this ticket (timeout, disconnect, cancellation).
+    def abandon(self, ticket: Ticket, *, client_gone: bool = True) -> None:
+        """The caller gave up on this ticket (disconnect, cancellation, timeout).
 
         A waiting ticket leaves no trace; a queued agent whose only request
         this was is removed. A ticket granted in the same instant is finished,
@@ -424,26 +235,28 @@ class AdmissionGate:
         removed too, so a cancelled first request never holds a slot. A given-up
         last step (``done``) ends its agent as soon as nothing else of it is in
         flight or waiting, whatever state the step was in: the agent is over and
-        must not hold (or resume into) a slot until ``admission.idle_timeout``.
+        must not hold (or resume into) a slot until its idle timeout. With
+        ``client_gone`` (the default: the client hung up) an admitted agent's
+        disconnect grace starts, as in :meth:`finish`.
         """
         now = self._clock()
         if ticket.status is TicketStatus.GRANTED:
             ticket.status = TicketStatus.CANCELLED
             self._ungrant(ticket, now)
-            agent = self._counted_in(ticket)
+            agent = self._admitted.owner(ticket)
             if agent is not None:
                 agent.in_flight -= 1
-                self._after_abandon(agent, ticket, now)
+                self._after_abandon(agent, ticket, now, client_gone)
             return
         if ticket.status is not TicketStatus.WAITING:
             return
         ticket.status = TicketStatus.CANCELLED
         if ticket.held:
             self._held.remove(ticket)
-            agent = self._counted_in(ticket)
+            agent = self._admitted.owner(ticket)
             if agent is not None:
                 agent.in_flight -= 1
-                self._after_abandon(agent, ticket, now)
+                self._after_abandon(agent, ticket, now, client_gone)
             return
         agent = self.get(ticket.agent_id)
         if agent is None:
@@ -453,18 +266,25 @@ class AdmissionGate:
             if ticket.done:
                 agent.ending = True
             if not agent.pending:
-                del self._queue[agent.agent_id]
+                self._queue.remove(agent.agent_id)
                 self._emit("cancelled", agent.agent_id, now)
             return
-        self._after_abandon(agent, ticket, now)
+        self._after_abandon(agent, ticket, now, client_gone)
 
-    def _after_abandon(self, agent: Agent, ticket: Ticket, now: float) -> None:
+    def _after_abandon(self, agent: Agent, ticket: Ticket, now: float, client_gone: bool) -> None:
         """An admitted agent lost a request: end it if that leaves it with nothing to do
         and it never did anything (a cancelled first request) or it is over."""
         if ticket.done:
             agent.ending = True
         if agent.in_flight == 0 and not agent.pending and (agent.requests == 0 or agent.ending):
             self._end(agent, now, "cancelled" if agent.requests == 0 else "done")
+        elif client_gone:
+            self._hung_up(agent, now)
+
+    def _hung_up(self, agent: Agent, now: float) -> None:
+        if agent.gone_at is None:
+            agent.gone_at = now
+            self._emit("gone", agent.agent_id, now)
 
     def end(self, agent_id: str, reason: str = "ended") -> bool:
         """End an agent now (admin call or caller's decision); False if unknown."""
@@ -484,34 +304,28 @@ class AdmissionGate:
         hold_requests: bool = False,
         release_limit: int | None = None,
         admit_new: bool = True,
+        reason: str = "",
     ) -> None:
         """Apply a policy decision: set the window, pause or release agents.
 
         With ``admit_new`` False no queued (new) agent is admitted, at this call or
         between calls, until a later one allows it; paused agents still resume.
+        ``reason`` is the decision's, for what waiting agents are told.
         """
         now = self._clock()
         self.window = window
         self.hold_requests = hold_requests
         self.admit_new = admit_new
-        if pause and window is not None and self._live > window:
-            excess = self._live - window
-            for agent in reversed(list(self._admitted.values())):
-                if excess == 0:
-                    break
-                if agent.state is AgentState.LIVE:
-                    agent.state = AgentState.PAUSED
-                    agent.since = now
-                    self._live -= 1
-                    self._paused += 1
-                    excess -= 1
-                    self._emit("paused", agent.agent_id, now)
+        self.reason = reason
+        if pause and window is not None and self._admitted.live > window:
+            for agent in self._admitted.pause_newest(self._admitted.live - window, now):
+                self._emit("paused", agent.agent_id, now)
         self._fill(release_limit, now)
         if not hold_requests:
             while self._held:
                 ticket = self._held.popleft()
                 ticket.held = False
-                owner = self._counted_in(ticket)
+                owner = self._admitted.owner(ticket)
                 if owner is not None and owner.state is AgentState.PAUSED:
                     # Paused meanwhile: it waits like its agent's other next steps.
                     owner.in_flight -= 1
@@ -521,27 +335,34 @@ class AdmissionGate:
                 self._emit("released", ticket.agent_id, now, ticket.waited)
 
     def reap(self) -> list[str]:
-        """End admitted agents idle for ``idle_timeout``; returns their ids."""
-        if self.idle_timeout is None:
+        """End admitted agents that are over though they never said so; returns their ids.
+
+        With nothing in flight or waiting, an agent is over when its client hung up
+        ``disconnect_grace`` ago, or when it has been idle longer than its idle timeout
+        (:class:`IdleRule`); the ``ended`` event says which (``gone`` or ``idle``).
+        """
+        rule = self.idle
+        if rule is None:
             return []
         now = self._clock()
-        idle = [
-            a
-            for a in self._admitted.values()
-            if a.in_flight == 0 and not a.pending and now - a.last_seen >= self.idle_timeout
-        ]
-        for agent in idle:
-            self._end(agent, now, "idle")
-        return [a.agent_id for a in idle]
+        over = self._admitted.over(rule, now)
+        for agent, why in over:
+            self._end(agent, now, why)
+        return [a.agent_id for a, _ in over]
 
     def timed_out(self, ticket: Ticket) -> QueueTimeout:
         """The caller waited ``max_queue_wait`` for ``ticket`` and gives up: the ticket is
-        abandoned and a ``timeout`` event emitted; returns the error to answer with."""
-        self.abandon(ticket)
+        abandoned and a ``timeout`` event emitted; returns the error to answer with,
+        which says why it waited."""
+        agent = ticket.agent if ticket.held else self.get(ticket.agent_id)
+        why = held(self) if ticket.held else None
+        if why is None and agent is not None:
+            why = self.waiting_for(agent)
+        self.abandon(ticket, client_gone=False)
         now = self._clock()
         waited = now - ticket.created_at
-        self._emit("timeout", ticket.agent_id, now, waited)
-        return self._timeout_error(waited)
+        self._emit("timeout", ticket.agent_id, now, waited, why.code if why else "")
+        return queue_timeout(self, waited, why, new_agent=ticket.new_agent and not ticket.held)
 
     def close(self) -> None:
         """Shut down: refuse new requests and reject everything still waiting."""
@@ -549,24 +370,13 @@ class AdmissionGate:
         waiting = [t for a in self.agents() for t in a.pending]
         waiting.extend(self._held)
         for ticket in waiting:
-            self.abandon(ticket)
+            self.abandon(ticket, client_gone=False)
             self._reject(ticket, GateClosed("concur is shutting down; retry"))
 
     # -------------------------------------------------------------- internal
 
     def _room(self) -> bool:
-        return self.window is None or self._live < self.window
-
-    def _queue_order(self) -> list[Agent]:
-        if not self._queue:
-            return []
-        # FIFO within a priority class; a higher class goes first. dict order is
-        # arrival order, which is ``seq`` order: agents enter the queue once, when
-        # created. So with a single priority class the order is the dict's.
-        queued = list(self._queue.values())
-        if len(set(map(_priority, queued))) == 1:
-            return queued
-        return sorted(queued, key=lambda a: (-a.priority, a.seq))
+        return self.window is None or self._admitted.live < self.window
 
     def _fill(self, limit: int | None, now: float) -> None:
         released = 0
@@ -576,41 +386,23 @@ class AdmissionGate:
                 break
             released += 1
             if agent.state is AgentState.PAUSED:
-                paused_for = now - agent.since
-                agent.state = AgentState.LIVE
-                agent.since = now
-                self._paused -= 1
-                self._live += 1
-                self._emit("resumed", agent.agent_id, now, paused_for)
+                self._emit("resumed", agent.agent_id, now, self._admitted.resume(agent, now))
             else:
-                del self._queue[agent.agent_id]
+                self._queue.remove(agent.agent_id)
                 self._admit(agent, now)
             while agent.pending:
                 self._grant_or_hold(agent, agent.pending.pop(0), now)
 
     def _next_candidate(self) -> Agent | None:
-        if self._paused:  # in admission order, as paused agents are listed by view()
-            return next(a for a in self._admitted.values() if a.state is AgentState.PAUSED)
-        if not self._queue or not self.admit_new:
+        paused = self._admitted.first_paused()  # in admission order, as view() lists them
+        if paused is not None:
+            return paused
+        if not self.admit_new:
             return None
-        if not self._prioritized or all(a.priority == 0 for a in self._queue.values()):
-            return next(iter(self._queue.values()))
-        return self._queue_order()[0]
+        return self._queue.first()
 
     def _admit(self, agent: Agent, now: float) -> None:
-        waited = now - agent.since
-        agent.state = AgentState.LIVE
-        agent.since = now
-        agent.admitted_at = now
-        agent.last_seen = now
-        self._admitted[agent.agent_id] = agent
-        self._live += 1
-        self._emit("admitted", agent.agent_id, now, waited)
-
-    def _counted_in(self, ticket: Ticket) -> Agent | None:
-        """The admitted agent whose ``in_flight`` counts ``ticket``, if it is still admitted."""
-        agent = ticket.agent
-        return agent if self._admitted.get(ticket.agent_id) is agent else None
+        self._emit("admitted", agent.agent_id, now, self._admitted.admit(agent, now))
 
     def _grant_or_hold(self, agent: Agent, ticket: Ticket, now: float) -> Ticket:
         # in_flight counts held tickets too: an agent with a held request is not idle.
@@ -627,20 +419,14 @@ class AdmissionGate:
     def _grant(self, ticket: Ticket, now: float) -> None:
         ticket.status = TicketStatus.GRANTED
         ticket.granted_at = now
-        if not self._granted_now:
-            self._busy_from = now
-        self._granted_now += 1
+        self._pace.granted(now)
         if ticket.on_resolve is not None:
             ticket.on_resolve(ticket)
 
     def _ungrant(self, ticket: Ticket, now: float) -> None:
         """A granted request ended (``ticket.granted_at`` is set): account its time."""
-        self._granted_now -= 1
-        if not self._granted_now:
-            self._busy_s += now - self._busy_from
-        self._ended_requests += 1
         assert ticket.granted_at is not None
-        self._latency_s += now - ticket.granted_at
+        self._pace.ended(ticket.granted_at, now)
 
     def _reject(self, ticket: Ticket, error: AdmissionError) -> None:
         ticket.status = TicketStatus.REJECTED
@@ -650,37 +436,22 @@ class AdmissionGate:
 
     def _end(self, agent: Agent, now: float, reason: str) -> None:
         if agent.state is AgentState.QUEUED:
-            self._queue.pop(agent.agent_id, None)
+            self._queue.remove(agent.agent_id)
         else:
-            if self._admitted.pop(agent.agent_id, None) is None:
+            if not self._admitted.remove(agent):
                 return
-            if agent.state is AgentState.LIVE:
-                self._live -= 1
-            else:
-                self._paused -= 1
             if self.observer is not None:
                 self.observer.agent_ended(agent, reason)
         pending = list(agent.pending)
         agent.pending.clear()
-        held = [t for t in self._held if t.agent_id == agent.agent_id]
-        for ticket in held:
+        held_now = [t for t in self._held if t.agent_id == agent.agent_id]
+        for ticket in held_now:
             self._held.remove(ticket)
-        for ticket in [*pending, *held]:
+        for ticket in [*pending, *held_now]:
             self._reject(ticket, AgentEnded(f"agent {agent.agent_id!r} was ended ({reason})"))
         self._emit("ended", agent.agent_id, now, detail=reason)
         if agent.state is not AgentState.QUEUED:
             self._fill(1, now)
-
-    def _retry_hint(self) -> float:
-        return float(self.max_queue_wait) if self.max_queue_wait else 1.0
-
-    def _timeout_error(self, waited: float) -> QueueTimeout:
-        err = QueueTimeout(
-            f"waited {waited:.1f}s for an agent slot (max_queue_wait); the engine is at capacity, "
-            "retry later"
-        )
-        err.retry_after = self._retry_hint()
-        return err
 
     def _emit(
         self, kind: str, agent_id: str, at: float, waited: float | None = None, detail: str = ""

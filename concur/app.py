@@ -11,7 +11,7 @@ Own endpoints (answered here, never forwarded):
 =========================  ==========================================================
 ``GET /concur/status``     window, agents, pressure, engine signal, policy (JSON)
 ``GET /concur/agents``     every admitted and queued agent (JSON)
-``DELETE /concur/agents/{id}``  end an agent now (admin token)
+``DELETE /concur/agents/{id}``  end an agent now (admin token, or the agent itself)
 ``GET/PUT /concur/policy``  read / swap the policy live (PUT needs the admin token)
 ``GET /metrics``           concur's own Prometheus metrics
 ``GET /healthz``           the process is alive
@@ -39,6 +39,7 @@ from aiohttp import web
 
 from concur import _views, logs
 from concur._errors import openai_error
+from concur._listen import BoundSite, ListenError, bind
 from concur.config import Settings
 from concur.poller import Poller
 from concur.runtime import Clock, Runtime
@@ -47,6 +48,8 @@ log = logging.getLogger("concur.app")
 
 
 RUNTIME = web.AppKey("concur_runtime", Runtime)
+ADMIN_MAX_BODY = 1 << 20
+"""Largest body of an admin request (``PUT /concur/policy``), in bytes."""
 
 
 # ----------------------------------------------------------------- handlers
@@ -64,12 +67,22 @@ async def _agents(request: web.Request) -> web.Response:
     return _json({"agents": [a.to_json() for a in _views.agents(request.app[RUNTIME])]})
 
 
+def _from_agent(rt: Runtime, request: web.Request, agent_id: str) -> bool:
+    """Whether ``request`` comes from agent ``agent_id`` itself: its id in an identity
+    header (as its own done step could end it, so can this)."""
+    try:
+        found = rt.proxy.inspector.identity.extract(request.headers, None)
+    except ValueError:
+        return False
+    return found is not None and found[0] == agent_id
+
+
 async def _delete_agent(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    refused = rt.admin.authorize(request)
+    agent_id = request.match_info["agent_id"]
+    refused = None if _from_agent(rt, request, agent_id) else rt.admin.authorize(request)
     if refused is not None:
         return refused
-    agent_id = request.match_info["agent_id"]
     if not rt.gate.end(agent_id, "deleted"):
         return openai_error(
             404, f"no agent {agent_id!r} is admitted or queued", type_="not_found", code="no_agent"
@@ -89,6 +102,13 @@ async def _put_policy(request: web.Request) -> web.Response:
         return refused
     try:
         payload = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        return openai_error(
+            413,
+            f"the policy body is larger than {ADMIN_MAX_BODY} bytes",
+            type_="invalid_request_error",
+            code="request_too_large",
+        )
     except ValueError:
         return openai_error(
             400, "the body must be a JSON object", type_="invalid_request_error", code="bad_json"
@@ -143,7 +163,7 @@ def build_app(
     """
     # client_max_size only bounds request.read()/json() (admin endpoints); the proxy
     # streams bodies itself and enforces server.max_body_bytes.
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=ADMIN_MAX_BODY)
     runtime = Runtime(settings, clock=clock, poller=poller)
     app[RUNTIME] = runtime
 
@@ -202,14 +222,20 @@ class Server:
             shutdown_timeout=drain_timeout,
             access_log=None,
         )
+        self._set_up = False
 
     async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, backlog=self.backlog)
-        await site.start()
-        addresses = self.runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        """Bind the address first (an OSError then, and nothing has started), then start
+        the application (its runtime logs ``started``), then serve."""
+        bound = await bind(self.host, self.port, self.backlog, self.runner)
+        try:
+            self._set_up = True
+            await self.runner.setup()
+            await BoundSite(self.runner, bound).start()
+        except BaseException:
+            bound.close()
+            raise
+        self.port = int(bound.sockets[0].getsockname()[1])
         logs.event(log, "listening", host=self.host, port=self.port)
 
     @property
@@ -219,7 +245,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop listening, close the gate, drain in-flight requests, stop the loops."""
-        await self.runner.cleanup()
+        if self._set_up:
+            await self.runner.cleanup()
 
 
 def is_loopback(host: str) -> bool:
@@ -271,24 +298,27 @@ async def serve(settings: Settings) -> int:
     server = Server(
         app, settings.server.host, settings.server.port, drain_timeout=settings.server.drain_timeout
     )
+    try:
+        await server.start()
+    except ListenError as exc:
+        srv = settings.server
+        logs.event(
+            log,
+            "listen_failed",
+            logging.ERROR,
+            host=srv.host,
+            port=srv.port,
+            error=f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc}",
+            hint="another process may hold the port: stop it, or choose another address "
+            "with --listen HOST:PORT or server.port",
+        )
+        await server.stop()
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-    except OSError as exc:
-        logs.event(
-            log,
-            "listen_failed",
-            logging.ERROR,
-            host=settings.server.host,
-            port=settings.server.port,
-            error=str(exc),
-        )
-        await server.stop()
-        return 1
     freeze_startup_objects()
     try:
         await stop.wait()

@@ -126,6 +126,7 @@ class Controller:
             hold_requests=decision.hold_requests,
             release_limit=decision.release_limit,
             admit_new=decision.admit_new,
+            reason=decision.reason,
         )
         self.gate.reap()
         record = TickRecord(now, obs, decision, before, obs.stale)

@@ -22,7 +22,6 @@ DEFAULT_SOURCES = (
     "header:X-Session-Id",
     "header:session_id",
     "body:session_id",
-    "body:user",
 )
 
 

@@ -25,7 +25,9 @@ from concur.control import TickRecord
 ADMISSION_OUTCOMES = ("admitted", "queued", "full", "timeout", "cancelled", "closed", "bypassed")
 """``concur_admissions_total{outcome}``: what happened to a new agent (or an anonymous,
 ungated request: ``bypassed``). ``closed`` = refused while shutting down."""
-AGENT_EVENTS = ("paused", "resumed", "ended", "held", "released")
+AGENT_EVENTS = ("paused", "resumed", "ended", "held", "released", "gone")
+"""``concur_agent_events_total{event}``; ``gone``: a client hung up mid-request (its
+agent ends after ``admission.disconnect_grace`` unless it sends again)."""
 
 QUEUE_WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -96,7 +98,10 @@ class ConcurMetrics:
             "concur_admissions", "Admission outcomes of new agents", ["outcome"], registry=r
         )
         self.agent_events = Counter(
-            "concur_agent_events", "Pauses, resumes, ends and held requests", ["event"], registry=r
+            "concur_agent_events",
+            "Pauses, resumes, ends, hang-ups and held requests",
+            ["event"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             "concur_queue_wait_seconds",

@@ -61,7 +61,7 @@ class ProxyOptions:
     max_body_bytes: int = 32 << 20
     identity: tuple[str | IdentitySource, ...] = DEFAULT_SOURCES
     max_identity_bytes: int = 256
-    anonymous: Literal["gate", "bypass"] = "gate"
+    anonymous: Literal["gate", "bypass"] = "bypass"
     done_header: str = "X-Concur-Agent-Done"
     gated_paths: frozenset[str] = field(default=GATED_PATHS)
     ssl_context: ssl.SSLContext | None = None

@@ -88,8 +88,7 @@ class Runtime:
         self.settings = settings
         self.clock = clock
         self.metrics = ConcurMetrics()
-        # (gate_options() is typed dict[str, float | int]: a TypedDict would need no ignore)
-        self.gate = AdmissionGate(clock=clock, **settings.gate_options())  # type: ignore[arg-type]
+        self.gate = AdmissionGate(clock=clock, **settings.gate_options())
         self.controller = Controller(
             build_policy(None, settings.policy),
             self.gate,

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from concur._cli_config import add_config_arguments, parse_listen, settings_from_args
+from concur._idle import IdleRule
 from concur.cli import main
 from concur.config import (
     AdmissionSettings,
@@ -90,12 +91,16 @@ def test_defaults() -> None:
         "header:X-Session-Id",
         "header:session_id",
         "body:session_id",
-        "body:user",
     ]
-    assert s.admission.anonymous == "gate"
+    assert s.admission.anonymous == "bypass"
     assert s.admission.done_header == "X-Concur-Agent-Done"
     assert s.admission.idle_timeout == 300.0
-    assert s.admission.max_queue_wait == 600.0
+    assert s.admission.idle_timeout_min == 15.0
+    assert s.admission.idle_pause_factor == 4.0
+    assert s.admission.idle_timeout_new == 30.0
+    assert s.admission.disconnect_grace == 5.0
+    assert s.admission.max_queue_wait == 60.0
+    assert s.admission.retry_after == 5.0
     assert s.admission.max_queue_len == 10000
     assert s.admission.max_identity_bytes == 256
     assert s.policy.name == "aimd"
@@ -113,11 +118,14 @@ def test_derived_values() -> None:
     assert s.metrics_url() == "http://m:9/x"
     assert s.gate_options() == {
         "max_queue_len": 10000,
-        "max_queue_wait": 600.0,
-        "idle_timeout": 300.0,
+        "max_queue_wait": 60.0,
+        "retry_after": 5.0,
+        "idle": IdleRule(
+            longest=300.0, shortest=15.0, factor=4.0, first=30.0, disconnect_grace=5.0
+        ),
     }
     assert s.admission.identity_sources()[0] == ("header", "X-Concur-Agent-Id")
-    assert s.admission.identity_sources()[-1] == ("body", "user")
+    assert s.admission.identity_sources()[-1] == ("body", "session_id")
 
 
 # ----------------------------------------------------------------------- sources

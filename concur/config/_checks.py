@@ -13,7 +13,6 @@ DEFAULT_IDENTITY = (
     "header:X-Session-Id",
     "header:session_id",
     "body:session_id",
-    "body:user",
 )
 IDENTITY_BODY_FIELDS = ("session_id", "user")
 

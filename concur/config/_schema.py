@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from concur._idle import IdleRule
 from concur.config import _checks
 from concur.config._errors import bare
 from concur.config._sources import ENV_DELIMITER, ENV_PREFIX, settings_sources
@@ -152,15 +153,43 @@ class AdmissionSettings(_Section):
 
     identity: list[str] = Field(default_factory=lambda: list(_checks.DEFAULT_IDENTITY))
     """Where to find an agent's id, first match wins: header:<Name>, body:session_id,
-    body:user."""
-    anonymous: Literal["gate", "bypass"] = "gate"
-    """Requests without an id: gate them as one-step agents, or bypass the gate."""
+    body:user. Not body:user by default: OpenAI's user field names an end user (for
+    abuse monitoring), not a session, so ordinary one-off requests would hold slots and
+    one user's parallel sessions would fold into one agent; add it when your clients
+    send one user per agent. A session id (X-Session-Id, session_id) is an agent: one
+    that sends a single request ends after idle_timeout_new."""
+    anonymous: Literal["gate", "bypass"] = "bypass"
+    """Requests without an id: bypass the gate (they never wait and hold no slot), or
+    gate them as one-step agents that queue like new agents when the window is full.
+    bypass is the default so a plain curl or an SDK call without an agent id is never
+    held; choose gate when most of the engine's load comes without ids."""
     done_header: str = "X-Concur-Agent-Done"
     """Request header that marks an agent's last request (frees its slot)."""
     idle_timeout: float = Field(300.0, gt=0)
-    """Seconds without a request before an agent's slot is freed."""
-    max_queue_wait: float = Field(600.0, gt=0)
-    """Seconds a new agent may wait for a slot before a 429."""
+    """The longest, in seconds, any agent keeps its slot without a request; it caps the
+    adaptive timeout below (idle_timeout_min, idle_pause_factor, idle_timeout_new), so
+    setting it alone, lower than those, gives a fixed timeout."""
+    idle_timeout_min: float = Field(15.0, gt=0)
+    """The least, in seconds, an agent that has paused before keeps its slot idle."""
+    idle_pause_factor: float = Field(4.0, ge=0, le=1000)
+    """An agent's idle timeout is this many times its longest pause so far between a
+    response and its next request (its tool calls), within idle_timeout_min and
+    idle_timeout: an agent idle far beyond its own pauses is gone (a crashed harness, a
+    killed worker), one in a long tool call it has made before is not. 0: a fixed
+    idle_timeout for every agent."""
+    idle_timeout_new: float = Field(30.0, gt=0)
+    """Idle timeout, in seconds, of an agent that has not come back after a response
+    yet (a one-off request looks like that), within idle_timeout."""
+    disconnect_grace: float = Field(5.0, ge=0, le=3600)
+    """Seconds an agent keeps its slot after its client hung up on a request (closed the
+    connection before the response ended): a new request within them keeps the agent,
+    else its slot is freed (a killed client frees its slot in seconds, not minutes)."""
+    max_queue_wait: float = Field(60.0, gt=0)
+    """Seconds a new agent (or a held request) may wait for a slot before a 429 that says
+    why it waited. Well under the openai SDK's 600 s timeout, its two retries included."""
+    retry_after: float = Field(5.0, ge=1, le=60)
+    """Seconds the Retry-After header of a 429 (queue full or timed out) asks a client to
+    wait before it retries (the openai SDK honours up to 60)."""
     max_queue_len: int = Field(10000, ge=0)
     """Agents allowed to wait; beyond this a new agent gets 429 at once."""
     max_identity_bytes: int = Field(256, ge=1, le=65536)
@@ -261,10 +290,19 @@ class Settings(BaseSettings):
             return self.engine.metrics_url
         return self.upstream.url + ("/slots" if self.engine.kind == "llamacpp" else "/metrics")
 
-    def gate_options(self) -> dict[str, float | int]:
+    def gate_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`concur.admission.AdmissionGate` (besides the clock)."""
+        adm = self.admission
+        longest = adm.idle_timeout
         return {
-            "max_queue_len": self.admission.max_queue_len,
-            "max_queue_wait": self.admission.max_queue_wait,
-            "idle_timeout": self.admission.idle_timeout,
+            "max_queue_len": adm.max_queue_len,
+            "max_queue_wait": adm.max_queue_wait,
+            "retry_after": adm.retry_after,
+            "idle": IdleRule(
+                longest=longest,
+                shortest=min(adm.idle_timeout_min, longest),
+                factor=adm.idle_pause_factor,
+                first=min(adm.idle_timeout_new, longest),
+                disconnect_grace=adm.disconnect_grace,
+            ),
         }

@@ -193,6 +193,9 @@ def live_settings(speed: float, control_interval: float = 1.0) -> dict[str, Any]
         "policy.aimd.open_dwell": 2.0 / speed,
         "policy.aimd.reprobe": 120.0 / speed,
         "server.drain_timeout": 5.0,
+        # A batch swarm waits in the queue by design, in FIFO order: as long as the
+        # swarm client waits for a response (its --timeout), not the 60 s default.
+        "admission.max_queue_wait": 600.0,
     }
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         result = asyncio.run(_run(trace, options, quiet=args.quiet))
     except ValueError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C while the agents were being ended
         return 130
     data = result.to_dict()
     if args.out is not None:
@@ -107,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(result.summary.to_dict())
     s = result.summary
+    if s.interrupted:
+        print(
+            f"concur swarm: interrupted; {s.interrupted} agents stopped before they finished "
+            "(those that had started were ended on the server)",
+            file=sys.stderr,
+        )
+        return 130
     if s.failed_agents:
         print(
             f"concur swarm: {s.failed_agents} of {s.agents} agents gave up (errors: {s.errors})",
@@ -116,14 +125,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_interrupt() -> asyncio.Event:
+    """An event the first Ctrl-C (or SIGTERM) sets: the swarm then stops its agents, ends
+    them on the server and returns what it has, for the summary. A second Ctrl-C
+    interrupts as usual."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def first(sig: signal.Signals) -> None:
+        loop.remove_signal_handler(sig)
+        print("\nconcur swarm: stopping; ending the agents (Ctrl-C again to quit)", file=sys.stderr)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, first, sig)
+    return stop
+
+
 async def _run(trace: Any, options: Any, *, quiet: bool) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from concur.sim.swarm.client import run_swarm
 
+    stop = _stop_on_interrupt()
     if quiet:
-        return await run_swarm(trace, options)
+        return await run_swarm(trace, options, stop=stop)
     with Progress(
         "[bold]agents",
         BarColumn(),
@@ -133,7 +161,10 @@ async def _run(trace: Any, options: Any, *, quiet: bool) -> Any:
     ) as bar:
         task = bar.add_task("agents", total=len(trace.agents))
         return await run_swarm(
-            trace, options, progress=lambda done, _total: bar.update(task, completed=done)
+            trace,
+            options,
+            progress=lambda done, _total: bar.update(task, completed=done),
+            stop=stop,
         )
 
 
@@ -142,7 +173,11 @@ def print_summary(s: dict[str, Any]) -> None:
     hit = s["client_hit_rate"]
     ttft = s["mean_ttft_s"]
     lines = [
-        ("agents", f"{s['finished_agents']}/{s['agents']} finished"),
+        (
+            "agents",
+            f"{s['finished_agents']}/{s['agents']} finished"
+            + (f", {s['interrupted']} interrupted" if s.get("interrupted") else ""),
+        ),
         ("makespan", f"{s['makespan_s']:,.1f} s simulated ({s['makespan_wall_s']:,.1f} s wall)"),
         (
             "throughput",

@@ -16,10 +16,18 @@ Each agent of the trace becomes one asyncio task that, on its own schedule:
 3. sleeps its tool latency ``/ speed`` and goes on; its last request carries the
    done header, which frees its slot in concur at once.
 
+Stopped early (``stop``, set by ``concur swarm`` on Ctrl-C), the swarm cancels its
+agents and ends each one that had started on the server (``DELETE
+/concur/agents/{id}`` as the agent itself), so concur frees their slots at once
+rather than when they look idle; the result then counts them as interrupted.
+
 Every request carries the agent's id in ``X-Concur-Agent-Id``. A failed request
 is retried with exponential backoff (honouring ``Retry-After``) up to
-``max_retries`` times; an agent that still fails gives up and is reported, and
-the swarm carries on. Errors are counted by kind, never raised.
+``max_retries`` times (concur's ``queue_timeout`` 429, an agent that waited
+``admission.max_queue_wait`` for a slot, is sent again after its ``Retry-After``
+without using up the retries: a batch swarm waits for slots by design); an agent
+that still fails gives up and is reported, and the swarm carries on. Errors are
+counted by kind, never raised.
 
 Times in results are *simulated* seconds (wall seconds x ``speed``) unless the
 field name says ``wall``, so a swarm against ``concur engine --speed 20`` reports
@@ -29,6 +37,7 @@ the same figures as ``concur sim`` on the same trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -36,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -135,12 +145,20 @@ class RequestFailed(Exception):
     """One request failed; ``kind`` is its error class (``http_429``, ``connect``, ...)."""
 
     def __init__(
-        self, kind: str, message: str, *, retryable: bool, retry_after: float | None = None
+        self,
+        kind: str,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        waiting: bool = False,
     ) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.waiting = waiting
+        """concur's queue wait ran out: send again, not counted against the retries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +242,8 @@ class SwarmSummary:
     p99_ttft_s: float | None
     retries: int
     errors: dict[str, int]
+    interrupted: int = 0
+    """Agents stopped before they finished because the swarm was stopped (Ctrl-C)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -299,8 +319,27 @@ def _error_message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace")
 
 
+def _error_code(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+        code = data.get("error", {}).get("code") if isinstance(data, dict) else None
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 def _http_error(resp: httpx.Response, body: bytes) -> RequestFailed:
     code = resp.status_code
+    if code == 429 and _error_code(body) == "queue_timeout":
+        # concur held the agent for admission.max_queue_wait: it waits again (a batch
+        # swarm waits for slots by design), without using up its retries.
+        return RequestFailed(
+            "queue_timeout",
+            f"HTTP 429: {_error_message(body)}",
+            retryable=True,
+            retry_after=_retry_after(resp),
+            waiting=True,
+        )
     kind = "http_429" if code == 429 else f"http_{code // 100}xx"
     retryable = code in (408, 409, 425, 429) or code >= 500
     return RequestFailed(
@@ -342,17 +381,39 @@ class _Swarm:
         self.requests = 0
         self.ended = 0
         self.t0 = 0.0
+        self.started: set[str] = set()
+        """Agents that sent a request (the server may hold a slot for them)."""
+        self.interrupted = 0
         limit = options.concurrency_limit
         self.slots = asyncio.Semaphore(limit) if limit is not None else None
 
     def now_wall(self) -> float:
         return time.monotonic() - self.t0
 
-    async def run(self) -> None:
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run every agent to its end, or until ``stop`` is set: then cancel the agents
+        still running and end on the server those that had started."""
         self.t0 = time.monotonic()
-        async with asyncio.TaskGroup() as tg:
-            for agent in self.trace.agents:
-                tg.create_task(self._agent(agent), name=f"agent {agent.agent_id}")
+        tasks = [
+            asyncio.create_task(self._agent(agent), name=f"agent {agent.agent_id}")
+            for agent in self.trace.agents
+        ]
+        stopped = asyncio.create_task(stop.wait()) if stop is not None else None
+        try:
+            pending: set[asyncio.Task[Any]] = set(tasks)
+            while pending:
+                waits = pending if stopped is None else {*pending, stopped}
+                _, pending_now = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                pending = {t for t in pending_now if t is not stopped}
+                if stopped is not None and stopped.done():
+                    break
+        finally:
+            if stopped is not None:
+                stopped.cancel()
+            running = [t for t in tasks if not t.done()]
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _agent(self, agent: AgentTrace) -> None:
         res = self.results[agent.agent_id]
@@ -365,6 +426,12 @@ class _Swarm:
                     await self._steps(agent, res)
         except RequestFailed as exc:
             res.error = str(exc)
+        except asyncio.CancelledError:
+            res.error = "interrupted"
+            self.interrupted += 1
+            if agent.agent_id in self.started:
+                await self._end(agent.agent_id)
+            raise
         except Exception as exc:  # an agent must never take the swarm down
             res.error = f"client_bug: {type(exc).__name__}: {exc}"
             self.errors["client_bug"] += 1
@@ -377,6 +444,17 @@ class _Swarm:
             self.ended += 1
             if self.progress is not None:
                 self.progress(self.ended, len(self.results))
+
+    async def _end(self, agent_id: str) -> None:
+        """End a stopped agent on the server now: ``DELETE /concur/agents/{id}`` sent as
+        the agent itself (concur frees its slot; any other server just says 404)."""
+        opt = self.opt
+        with contextlib.suppress(httpx.HTTPError):
+            await self.client.delete(
+                f"{opt.server_url}/concur/agents/{quote(agent_id, safe='')}",
+                headers={opt.agent_header: agent_id},
+                timeout=2.0,
+            )
 
     async def _release(self, agent_id: str) -> None:
         """Tell a server that tracks agents by a body field that this one is over."""
@@ -411,6 +489,7 @@ class _Swarm:
             headers = {self.opt.agent_header: agent.agent_id}
             if k == last:
                 headers[self.opt.done_header] = "1"
+            self.started.add(agent.agent_id)
             out = await self._with_retries(body, headers, res)
             res.steps_done += 1
             res.prompt_tokens += out.prompt_tokens
@@ -434,6 +513,10 @@ class _Swarm:
             except RequestFailed as exc:
                 self.errors[exc.kind] += 1
                 res.errors[exc.kind] = res.errors.get(exc.kind, 0) + 1
+                if exc.waiting:
+                    res.retries += 1
+                    await asyncio.sleep(exc.retry_after or self.opt.backoff_s)
+                    continue
                 if not exc.retryable or attempt >= self.opt.max_retries:
                     raise
                 delay = self.opt.backoff_s * (2**attempt)
@@ -563,6 +646,7 @@ class _Swarm:
             p99_ttft_s=_round(_percentile(ttfts, 0.99)) if ttfts else None,
             retries=sum(a.retries for a in agents),
             errors=dict(sorted(self.errors.items())),
+            interrupted=self.interrupted,
         )
 
 
@@ -598,18 +682,21 @@ async def run_swarm(
     *,
     progress: ProgressFn | None = None,
     client: httpx.AsyncClient | None = None,
+    stop: asyncio.Event | None = None,
 ) -> SwarmResult:
     """Replay ``trace`` against ``options.base_url``; never raises for request failures.
 
     Raises ValueError only when the model name is not given and cannot be
-    discovered. ``progress(done, total)`` is called whenever an agent ends.
+    discovered. ``progress(done, total)`` is called whenever an agent ends. Setting
+    ``stop`` ends the run early: its agents are stopped and ended on the server, and
+    the result (so far) is returned.
     """
     own = client is None
     http = client if client is not None else make_client(options, len(trace.agents))
     try:
         model = options.model or await discover_model(http, options.base_url)
         swarm = _Swarm(trace, options, http, model, progress)
-        await swarm.run()
+        await swarm.run(stop)
         return SwarmResult(swarm.summary(), list(swarm.results.values()))
     finally:
         if own:

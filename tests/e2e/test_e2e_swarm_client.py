@@ -218,6 +218,30 @@ async def test_failures_are_retried_counted_and_reported(recorder: Recorder) -> 
     assert agents[cut].finished and agents[cut].errors == {"stream": 1}
 
 
+async def test_a_queue_timeout_is_waited_out_without_using_up_retries(
+    recorder: Recorder,
+) -> None:
+    """concur's 429 queue_timeout (max_queue_wait ran out while the agent waited for a
+    slot) is sent again after Retry-After, however often (here 4 times a step, with no
+    retries allowed): a batch swarm waits by design."""
+    trace = small_trace(1)
+    (agent,) = [a.agent_id for a in trace.agents]
+
+    def fault(who: str, attempt: int) -> web.Response | None:
+        if who == agent and attempt <= 4:
+            body = {"error": {"message": "waited", "type": "rate_limit_error"}}
+            body["error"]["code"] = "queue_timeout"
+            return web.json_response(body, status=429, headers={"Retry-After": "0"})
+        return None
+
+    recorder.fault = fault
+    result = await run_swarm(trace, options(recorder.url, model="m", max_retries=0))
+    s = result.summary
+    assert (s.finished_agents, s.failed_agents) == (1, 0)
+    steps = len(trace.agents[0].steps)
+    assert s.errors == {"queue_timeout": 4 * steps} and s.retries == 4 * steps
+
+
 async def test_an_unreachable_server_never_crashes_the_swarm() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     trace = small_trace(3)

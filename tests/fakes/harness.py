@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from concur.admission import GateEvent
 from concur.app import RUNTIME, Server, build_app
 from concur.config import Settings, load_settings
 from concur.runtime import Runtime
@@ -109,6 +110,21 @@ class Concur:
         if not self.stopped:
             self.stopped = True
             await self.server.stop()
+
+
+def record_events(c: Concur) -> list[GateEvent]:
+    """Every gate event of ``c`` from now on, in order (its metrics and logs still see them)."""
+    gate = c.runtime.gate
+    events: list[GateEvent] = []
+    inner = gate.on_event
+
+    def on_event(event: GateEvent) -> None:
+        events.append(event)
+        if inner is not None:
+            inner(event)
+
+    gate.on_event = on_event
+    return events
 
 
 Start = Callable[..., Awaitable[Concur]]

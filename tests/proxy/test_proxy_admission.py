@@ -49,7 +49,8 @@ async def test_queue_timeout_gives_429_with_retry_after(
     waited = time.monotonic() - t0
     err = assert_openai_error(resp, 429)
     assert err["code"] == "queue_timeout" and err["type"] == "rate_limit_error"
-    assert resp.headers["retry-after"] == "1"
+    assert "the window is full" in err["message"]
+    assert resp.headers["retry-after"] == "5"  # admission.retry_after
     assert 0.25 <= waited < 1.0
     assert c.runtime.gate.queued == 0
     assert (await step(c, "a", done=True)).status_code == 200
@@ -130,7 +131,7 @@ async def test_paused_agent_waits_at_its_next_step(start_concur: Start, fake: Fa
 
 
 async def test_anonymous_requests_are_one_step_agents(start_concur: Start, fake: FakeVLLM) -> None:
-    c = await start_concur(**{"policy.name": "static:1"})
+    c = await start_concur(**{"policy.name": "static:1", "admission.anonymous": "gate"})
     gate = c.runtime.gate
     assert (await step(c, "holder")).status_code == 200
     anon = asyncio.create_task(c.client.post("/v1/chat/completions", json=chat()))
@@ -142,7 +143,7 @@ async def test_anonymous_requests_are_one_step_agents(start_concur: Start, fake:
 
 
 async def test_anonymous_bypass(start_concur: Start, fake: FakeVLLM) -> None:
-    c = await start_concur(**{"policy.name": "static:1", "admission.anonymous": "bypass"})
+    c = await start_concur(**{"policy.name": "static:1"})  # bypass: the default
     assert (await step(c, "holder")).status_code == 200
     resp = await c.client.post("/v1/chat/completions", json=chat(), timeout=2)
     assert resp.status_code == 200

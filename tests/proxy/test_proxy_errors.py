@@ -10,6 +10,10 @@ import pytest
 from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, Start, assert_openai_error, chat, wait_for
 
+from concur.config._checks import DEFAULT_IDENTITY
+
+IDENTITY = list(DEFAULT_IDENTITY)
+
 
 def _closed_port() -> int:
     with socket.socket() as s:
@@ -81,7 +85,9 @@ async def test_upstream_silence_mid_stream_hits_read_timeout(
 
 
 async def test_identity_validation(start_concur: Start, fake: FakeVLLM) -> None:
-    c = await start_concur(**{"admission.max_identity_bytes": 16})
+    c = await start_concur(
+        **{"admission.max_identity_bytes": 16, "admission.identity": [*IDENTITY, "body:user"]}
+    )
     err = assert_openai_error(
         await c.client.post("/v1/chat/completions", json=chat(), headers={AGENT: "x" * 17}), 400
     )
@@ -96,7 +102,7 @@ async def test_identity_validation(start_concur: Start, fake: FakeVLLM) -> None:
 
 
 async def test_identity_sources_in_order(start_concur: Start, fake: FakeVLLM) -> None:
-    c = await start_concur()
+    c = await start_concur(**{"admission.identity": [*IDENTITY, "body:user"]})
     gate = c.runtime.gate
     await c.client.post(
         "/v1/chat/completions",

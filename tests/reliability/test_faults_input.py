@@ -123,7 +123,7 @@ async def test_body_over_the_limit_is_413_and_takes_no_slot(
         ("257 bytes", {AGENT: "a" * 257}, {}, "257 bytes"),
         ("multibyte over 256", {AGENT: ("\u00e9" * 129).encode()}, {}, "258 bytes"),
         ("tab inside", {AGENT: "a\tb"}, {}, "control characters"),
-        ("C1 control in body user", {}, {"user": "a\u0085b"}, "control characters"),
+        ("C1 control in body session_id", {}, {"session_id": "a\u0085b"}, "control characters"),
         ("NUL in body session_id", {}, {"session_id": "a\u0000b"}, "control characters"),
         ("huge session_id", {}, {"session_id": "s" * 100_000}, "100000 bytes"),
     ],
@@ -163,10 +163,11 @@ async def test_control_bytes_in_a_header_are_refused_by_the_http_parser(
     await assert_invariants(c, ledger)
 
 
-async def test_missing_or_unusable_identity_is_a_one_step_agent(
+async def test_missing_or_unusable_identity_is_anonymous(
     start_concur: Start, fake: FakeVLLM, ledger: Ledger
 ) -> None:
-    """No id (or an empty header, or a non-string user) is an anonymous one-step agent."""
+    """No id (or an empty header, or OpenAI's user field, not an id by default) is an
+    anonymous request: it bypasses the gate (admission.anonymous, bypass by default)."""
     c = await start_concur()
     for label, headers, extra in (
         ("no id", {}, {}),
@@ -186,10 +187,10 @@ async def test_unicode_identity_within_the_limit_is_fine(
 ) -> None:
     c = await start_concur()
     agent = "agent-\U0001f916-" + "\u00e9" * 100
-    out = await ledger.send(c.client, "POST", CHAT, json=chat(user=agent))
+    out = await ledger.send(c.client, "POST", CHAT, json=chat(session_id=agent))
     assert out.status == 200
     assert [a["id"] for a in (await c.client.get("/concur/agents")).json()["agents"]] == [agent]
-    out = await ledger.send(c.client, "POST", CHAT, json=chat(user=agent), headers=DONE)
+    out = await ledger.send(c.client, "POST", CHAT, json=chat(session_id=agent), headers=DONE)
     assert out.status == 200
     await assert_invariants(c, ledger)
 

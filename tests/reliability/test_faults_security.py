@@ -25,6 +25,7 @@ from fakes.invariants import Ledger, assert_invariants, concur_error, raw_reques
 
 from concur import _admin
 from concur import app as app_module
+from concur._listen import ListenError
 from concur.cli import main
 from concur.config import load_settings
 from concur.logs import JsonFormatter, TextFormatter
@@ -259,7 +260,7 @@ async def test_binding_beyond_loopback_without_token_warns(
     warned: bool,
 ) -> None:
     async def refuse(self: app_module.Server) -> None:  # never actually bind
-        raise OSError("test: not binding")
+        raise ListenError(98, "test: not binding")
 
     monkeypatch.setattr(app_module.Server, "start", refuse)
     values: dict[str, object] = {"server.host": host, "server.port": 9}

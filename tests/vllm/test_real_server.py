@@ -185,7 +185,7 @@ async def test_vllm_errors_pass_through_as_vllm_wrote_them(
             )
     assert err.value.status_code == direct.status_code
     assert direct.json()["error"]["message"] in str(err.value)
-    # The failed first request of an anonymous one-step agent holds nothing.
+    # The failed request of an anonymous client (bypassed, the default) holds nothing.
     gate = runtime(proxy).gate
     await wait_for(lambda: gate.active == 0 and gate.queued == 0, what="no slot held")
 
