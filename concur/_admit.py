@@ -18,11 +18,13 @@ from typing import Any
 from aiohttp import web
 
 from concur import logs
+from concur._budget import ByteBudget, OverBudget
 from concur._errors import openai_error
 from concur.admission import (
     AdmissionError,
     AdmissionGate,
     AgentEnded,
+    AgentState,
     GateClosed,
     QueueFull,
     QueueTimeout,
@@ -43,22 +45,40 @@ class Permit:
     :class:`~concur.admission.AgentEnded` or :class:`~concur.admission.GateClosed`;
     cancelled while waiting, it leaves no trace in the gate. Leaving finishes the
     ticket; set ``ticket.usage_tokens`` before to record the agent's context size.
+
+    With a ``budget``, the request's ``body_bytes`` count in it while it waits at the
+    gate, and a new agent's request that does not fit is refused before it is
+    submitted (:class:`~concur._budget.OverBudget`, see :mod:`concur._budget`).
     """
 
-    __slots__ = ("_context_tokens", "_done", "_gate", "agent_id", "ticket")
+    __slots__ = ("_budget", "_context_tokens", "_done", "_gate", "_size", "agent_id", "ticket")
 
     def __init__(
-        self, gate: AdmissionGate, agent_id: str, *, context_tokens: int = 0, done: bool = False
+        self,
+        gate: AdmissionGate,
+        agent_id: str,
+        *,
+        context_tokens: int = 0,
+        done: bool = False,
+        budget: ByteBudget | None = None,
+        body_bytes: int = 0,
     ) -> None:
         self._gate = gate
         self.agent_id = agent_id
         self._context_tokens = context_tokens
         self._done = done
+        self._budget = budget
+        self._size = body_bytes
         self.ticket: Ticket | None = None
 
     async def acquire(self) -> Ticket:
         """Wait for the grant; what entering the ``async with`` does."""
         gate = self._gate
+        budget, size = self._budget, self._size
+        if budget is not None and size and not budget.fits(size):
+            agent = gate.get(self.agent_id)
+            if agent is None or agent.state is AgentState.QUEUED:  # a new agent: refused
+                raise budget.refuse(size)
         ticket = gate.submit(self.agent_id, context_tokens=self._context_tokens, done=self._done)
         if ticket.granted:  # the usual step of an admitted agent: nothing to wait for
             self.ticket = ticket
@@ -84,6 +104,8 @@ class Permit:
                     fut.set_exception(TimeoutError())
 
             deadline = asyncio.get_running_loop().call_later(timeout, expire)
+        if budget is not None:
+            budget.take(size)  # its body is held while it waits
         try:
             await fut
         except TimeoutError:
@@ -95,6 +117,8 @@ class Permit:
         finally:
             if deadline is not None:
                 deadline.cancel()
+            if budget is not None:
+                budget.give(size)
         if ticket.status is TicketStatus.REJECTED:
             assert ticket.error is not None
             raise ticket.error
@@ -121,8 +145,20 @@ def refusal(
     exc: AdmissionError, agent_id: str | None, rid: str, metrics: ConcurMetrics
 ) -> web.Response:
     """The answer to a step the gate refused: 429 (queue full or timed out, with
-    ``Retry-After``), 503 (shutting down), 409 (its agent was ended)."""
+    ``Retry-After``), 503 (shutting down, or held bodies over their budget, with
+    ``Retry-After``), 409 (its agent was ended)."""
     fields: dict[str, Any] = {"request_id": rid, "agent": agent_id, "reason": exc.reason}
+    if isinstance(exc, OverBudget):
+        metrics.on_admission("overloaded")
+        logs.event(log, "request_rejected", status=503, **fields)
+        retry = max(1, math.ceil(exc.retry_after or 1.0))
+        return openai_error(
+            503,
+            str(exc),
+            type_="server_error",
+            code=exc.reason,
+            headers={"Retry-After": str(retry)},
+        )
     if isinstance(exc, QueueFull | QueueTimeout):
         retry = max(1, math.ceil(exc.retry_after or 1.0))
         logs.event(log, "request_rejected", status=429, **fields)

@@ -22,9 +22,19 @@ from prometheus_client.utils import floatToGoString
 from concur.admission import GateEvent
 from concur.control import TickRecord
 
-ADMISSION_OUTCOMES = ("admitted", "queued", "full", "timeout", "cancelled", "closed", "bypassed")
+ADMISSION_OUTCOMES = (
+    "admitted",
+    "queued",
+    "full",
+    "timeout",
+    "cancelled",
+    "closed",
+    "bypassed",
+    "overloaded",
+)
 """``concur_admissions_total{outcome}``: what happened to a new agent (or an anonymous,
-ungated request: ``bypassed``). ``closed`` = refused while shutting down."""
+ungated request: ``bypassed``). ``closed`` = refused while shutting down; ``overloaded``
+= refused because its body did not fit in ``server.max_held_bytes``."""
 AGENT_EVENTS = ("paused", "resumed", "ended", "held", "released")
 
 QUEUE_WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

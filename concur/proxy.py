@@ -31,6 +31,7 @@ from typing import Literal
 from aiohttp import web
 
 from concur._admit import Permit, refusal
+from concur._budget import ByteBudget
 from concur._forward import Forwarder
 from concur._inspect import GATED_PATHS, BodyTooLarge, Inspector, Step
 from concur._relay import REQUEST_ID_HEADER, Relayer
@@ -59,6 +60,8 @@ class ProxyOptions:
     send_timeout: float = 60.0
     """Seconds one write may wait for a client that stopped reading."""
     max_body_bytes: int = 32 << 20
+    max_held_bytes: int = 1 << 30
+    """Budget of the bodies waiting at the gate (``server.max_held_bytes``; 0: none)."""
     identity: tuple[str | IdentitySource, ...] = DEFAULT_SOURCES
     max_identity_bytes: int = 256
     anonymous: Literal["gate", "bypass"] = "gate"
@@ -115,6 +118,8 @@ class Proxy:
             read_timeout=options.read_timeout,
         )
         self.forwarder.upstream = upstream
+        self.budget = ByteBudget(options.max_held_bytes or None)
+        """Bytes of the request bodies waiting at the gate (:mod:`concur._budget`)."""
         self.in_flight = 0
         self._request_id = RequestIds()
 
@@ -152,7 +157,12 @@ class Proxy:
                 return await forward(request, rid, body, None, step)
             try:
                 async with Permit(
-                    self.gate, agent_id, context_tokens=step.context_tokens, done=step.done
+                    self.gate,
+                    agent_id,
+                    context_tokens=step.context_tokens,
+                    done=step.done,
+                    budget=self.budget,
+                    body_bytes=len(body),
                 ) as ticket:
                     return await forward(request, rid, body, ticket, step)
             except AdmissionError as exc:

@@ -44,6 +44,7 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         read_timeout=up.read_timeout,
         send_timeout=settings.server.send_timeout,
         max_body_bytes=settings.server.max_body_bytes,
+        max_held_bytes=settings.server.max_held_bytes,
         identity=tuple(IdentitySource(kind, name) for kind, name in adm.identity_sources()),
         max_identity_bytes=adm.max_identity_bytes,
         anonymous=adm.anonymous,

@@ -87,6 +87,10 @@ class ServerSettings(_Section):
     """TCP port to listen on."""
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     """Largest request body accepted, in bytes."""
+    max_held_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    """Budget, in bytes, of the request bodies waiting at the gate (queued new agents,
+    held steps); a new agent whose body would pass it gets 503 with Retry-After at once.
+    0: no budget. At least max_body_bytes otherwise."""
     drain_timeout: float = Field(30.0, ge=0)
     """On shutdown, seconds to let in-flight requests finish."""
     send_timeout: float = Field(60.0, gt=0)
@@ -103,6 +107,16 @@ class ServerSettings(_Section):
     @classmethod
     def _empty_token(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _held_budget(self) -> Self:
+        if 0 < self.max_held_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_held_bytes ({self.max_held_bytes}) must be 0 (no budget) or at least "
+                f"max_body_bytes ({self.max_body_bytes}), or a body that is accepted could "
+                "never wait"
+            )
+        return self
 
 
 class EngineSettings(_Section):
