@@ -71,6 +71,10 @@ class ProxyOptions:
     """TLS for an https upstream (None: the system's CAs)."""
     framing: Framing = "builtin"
     """The upstream client's response parser (``upstream.framing``)."""
+    keepalive: float = _UPSTREAM_DEFAULTS.keepalive
+    """Seconds an upstream connection may stay idle (``upstream.keepalive``)."""
+    max_connections: int = _UPSTREAM_DEFAULTS.max_connections
+    """Cap on open upstream connections (``upstream.max_connections``)."""
 
 
 class RequestIds:

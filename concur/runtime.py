@@ -51,6 +51,8 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         done_header=adm.done_header,
         ssl_context=tls_context(up.ca_file),
         framing=up.framing,
+        keepalive=up.keepalive,
+        max_connections=up.max_connections,
     )
 
 
@@ -120,7 +122,12 @@ class Runtime:
     async def start(self) -> None:
         opts = self.options
         self.upstream = self.proxy.upstream = make_upstream(
-            opts.upstream, opts.connect_timeout, opts.ssl_context, opts.framing
+            opts.upstream,
+            opts.connect_timeout,
+            opts.ssl_context,
+            opts.framing,
+            keepalive=opts.keepalive,
+            max_connections=opts.max_connections,
         )
         self.poller.start()
         self.control.start()

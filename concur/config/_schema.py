@@ -58,6 +58,13 @@ class UpstreamSettings(_Section):
     framing: Literal["builtin", "httptools", "aiohttp"] = "builtin"
     """Parser of the engine's responses: concur's own (builtin), llhttp through
     httptools, or aiohttp's C parser."""
+    keepalive: float = Field(4.0, gt=0, le=3600)
+    """Seconds an idle connection to the engine is kept for reuse; set it under the
+    engine's own keep-alive (uvicorn's, vLLM's: 5 s). An engine that sends Keep-Alive:
+    timeout=N shortens it to about N - 1."""
+    max_connections: int = Field(1024, ge=1, le=65536)
+    """Most connections open to the engine at once; past it a request waits for one to
+    be released (within first_byte_timeout)."""
 
     @field_validator("url")
     @classmethod
