@@ -114,3 +114,22 @@ def test_the_budget_is_a_setting_at_least_one_body() -> None:
         load_settings(env={}, overrides={"server.max_held_bytes": 1 << 20})
     with pytest.raises(ConfigError, match=r"server\.max_held_bytes"):
         load_settings(env={}, overrides={"server.max_held_bytes": -1})
+
+
+async def test_upstream_settings_and_overload_metrics(start_concur: Start, fake: FakeVLLM) -> None:
+    c = await start_concur(**{**BUDGET, "upstream.keepalive": 2.0, "upstream.max_connections": 3})
+    up = c.runtime.upstream
+    assert up is not None and up.keepalive_limit == 2.0 and up.max_connections == 3
+    assert (await _step(c, "a")).status_code == 200
+    waiting = _later(c, "q", done=True)
+    await wait_for(lambda: c.runtime.gate.queued == 1, what="queued")
+    metrics = (await c.client.get("/metrics")).text
+    assert f"concur_held_body_bytes {float(len(_body('q')))}" in metrics
+    assert "concur_held_body_bytes_limit 70000.0" in metrics
+    assert 'concur_upstream_connections{state="idle"} 1.0' in metrics
+    assert 'concur_upstream_connections{state="busy"} 0.0' in metrics
+    for name in ("connection_waiting", "connection_waits_total", "retries_total"):
+        assert f"concur_upstream_{name} 0.0" in metrics, name
+    assert (await _step(c, "a", done=True)).status_code == 200
+    assert (await asyncio.wait_for(waiting, 5)).status_code == 200
+    assert "concur_held_body_bytes 0.0" in (await c.client.get("/metrics")).text

@@ -1,0 +1,80 @@
+"""Overload protection's metrics, read from the proxy at scrape time.
+
+* ``concur_held_body_bytes``: bytes of request bodies waiting at the gate, against
+  ``concur_held_body_bytes_limit`` (``server.max_held_bytes``; +Inf: no budget); the
+  refusals are ``concur_admissions_total{outcome="overloaded"}``;
+* ``concur_upstream_connections{state}``: connections to the engine, ``idle`` in the
+  pool or ``busy`` (carrying a request, or being opened), against
+  ``upstream.max_connections``; ``concur_upstream_connection_waiting``: requests
+  waiting for one now, ``concur_upstream_connection_waits_total`` all that did;
+* ``concur_upstream_retries_total``: requests sent again on a fresh connection (the
+  keep-alive race); ``concur_upstream_stale_connections_total``: idle connections
+  found closed by the engine when about to be used, dropped unused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from concur.proxy import Proxy
+
+
+class OverloadStats:
+    """A collector for one proxy's budget and upstream pool (see the module docstring)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily: nothing is read at registration
+
+    def collect(self) -> Iterator[Metric]:
+        budget = self.proxy.budget
+        yield GaugeMetricFamily(
+            "concur_held_body_bytes",
+            "Bytes of request bodies waiting at the gate (queued or held)",
+            value=budget.held,
+        )
+        yield GaugeMetricFamily(
+            "concur_held_body_bytes_limit",
+            "Budget of the waiting request bodies, server.max_held_bytes (+Inf = none)",
+            value=math.inf if budget.limit is None else budget.limit,
+        )
+        up = self.proxy.upstream
+        if up is None:
+            return
+        connections = GaugeMetricFamily(
+            "concur_upstream_connections",
+            "Connections to the engine: idle in the pool, or busy (in use or opening)",
+            labels=["state"],
+        )
+        idle = sum(1 for conn in up._idle if not conn.closed)
+        connections.add_metric(["idle"], idle)
+        connections.add_metric(["busy"], max(0, up.open - idle))
+        yield connections
+        yield GaugeMetricFamily(
+            "concur_upstream_connection_waiting",
+            "Requests waiting for a connection to the engine (upstream.max_connections)",
+            value=up.waiting,
+        )
+        yield CounterMetricFamily(
+            "concur_upstream_connection_waits",
+            "Requests that waited for a connection to the engine",
+            value=up.waits,
+        )
+        yield CounterMetricFamily(
+            "concur_upstream_retries",
+            "Requests sent again on a fresh connection after a reused one was found closed",
+            value=up.retries,
+        )
+        yield CounterMetricFamily(
+            "concur_upstream_stale_connections",
+            "Idle connections found closed by the engine when about to be used",
+            value=up.discarded,
+        )
