@@ -18,13 +18,12 @@ from typing import Any
 from aiohttp import web
 
 from concur import logs
-from concur._budget import ByteBudget, OverBudget
+from concur._budget import OverBudget
 from concur._errors import openai_error
 from concur.admission import (
     AdmissionError,
     AdmissionGate,
     AgentEnded,
-    AgentState,
     GateClosed,
     QueueFull,
     QueueTimeout,
@@ -45,40 +44,22 @@ class Permit:
     :class:`~concur.admission.AgentEnded` or :class:`~concur.admission.GateClosed`;
     cancelled while waiting, it leaves no trace in the gate. Leaving finishes the
     ticket; set ``ticket.usage_tokens`` before to record the agent's context size.
-
-    With a ``budget``, the request's ``body_bytes`` count in it while it waits at the
-    gate, and a new agent's request that does not fit is refused before it is
-    submitted (:class:`~concur._budget.OverBudget`, see :mod:`concur._budget`).
     """
 
-    __slots__ = ("_budget", "_context_tokens", "_done", "_gate", "_size", "agent_id", "ticket")
+    __slots__ = ("_context_tokens", "_done", "_gate", "agent_id", "ticket")
 
     def __init__(
-        self,
-        gate: AdmissionGate,
-        agent_id: str,
-        *,
-        context_tokens: int = 0,
-        done: bool = False,
-        budget: ByteBudget | None = None,
-        body_bytes: int = 0,
+        self, gate: AdmissionGate, agent_id: str, *, context_tokens: int = 0, done: bool = False
     ) -> None:
         self._gate = gate
         self.agent_id = agent_id
         self._context_tokens = context_tokens
         self._done = done
-        self._budget = budget
-        self._size = body_bytes
         self.ticket: Ticket | None = None
 
     async def acquire(self) -> Ticket:
         """Wait for the grant; what entering the ``async with`` does."""
         gate = self._gate
-        budget, size = self._budget, self._size
-        if budget is not None and size and not budget.fits(size):
-            agent = gate.get(self.agent_id)
-            if agent is None or agent.state is AgentState.QUEUED:  # a new agent: refused
-                raise budget.refuse(size)
         ticket = gate.submit(self.agent_id, context_tokens=self._context_tokens, done=self._done)
         if ticket.granted:  # the usual step of an admitted agent: nothing to wait for
             self.ticket = ticket
@@ -104,8 +85,6 @@ class Permit:
                     fut.set_exception(TimeoutError())
 
             deadline = asyncio.get_running_loop().call_later(timeout, expire)
-        if budget is not None:
-            budget.take(size)  # its body is held while it waits
         try:
             await fut
         except TimeoutError:
@@ -117,8 +96,6 @@ class Permit:
         finally:
             if deadline is not None:
                 deadline.cancel()
-            if budget is not None:
-                budget.give(size)
         if ticket.status is TicketStatus.REJECTED:
             assert ticket.error is not None
             raise ticket.error

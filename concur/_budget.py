@@ -3,22 +3,26 @@
 The admission queue is bounded in agents (``admission.max_queue_len``), and each
 request waiting at the gate keeps its body, up to ``server.max_body_bytes``: ten
 thousand agents with 400 KB contexts would hold 4 GB. The budget bounds the bytes of
-the bodies *waiting at the gate*: a new agent's first requests while it is queued,
-and the steps of admitted agents held at the step boundary (paused, or held by
-request-level gating). A request granted at once is not counted: it goes upstream
-now, and those are bounded by the window.
+the agent steps' bodies concur holds: counted from when reading them starts (their
+``Content-Length``; a chunked body once read) until their response ends, through the
+wait at the gate (queued or held) and the request upstream.
 
 A new agent whose body would take the held total past the budget is refused at once
 (503 with ``Retry-After``, :func:`concur._admit.refusal`), as Envoy's overload manager
-refuses new streams past its heap threshold; an admitted agent's step is counted and
-never refused by the budget, since the window's agents must run for the queue to
-move. The bytes are given back when the wait ends, whatever ends it (grant, timeout,
-cancellation, shutdown).
+refuses new streams past its heap threshold: before its body is read when its headers
+name it (:func:`header_agent`) or it is anonymous, else once the body named it. An
+admitted agent's step is counted and never refused by the budget, since the window's
+agents must run for the queue to move (they are bounded by the window); so is a step
+that bypasses the gate. Every byte is given back when its request ends, however it
+ends.
 """
 
 from __future__ import annotations
 
-from concur.admission import AdmissionError
+from collections.abc import Mapping
+
+from concur.admission import AdmissionError, AdmissionGate, AgentState
+from concur.identity import IdentityError, IdentityExtractor
 
 RETRY_AFTER = 5.0
 """Seconds a client refused by the budget is told to wait (``Retry-After``)."""
@@ -32,7 +36,7 @@ class OverBudget(AdmissionError):
 
 
 class ByteBudget:
-    """Bytes held by request bodies waiting at the gate, against ``limit`` (None: no limit)."""
+    """Bytes held by agent steps' request bodies, against ``limit`` (None: no limit)."""
 
     __slots__ = ("held", "limit", "peak", "refused")
 
@@ -63,7 +67,30 @@ class ByteBudget:
         """The error for a new agent whose ``size``-byte body does not fit."""
         self.refused += 1
         return OverBudget(
-            f"concur holds {self.held} bytes of waiting request bodies and this one "
-            f"({size} bytes) would pass its budget of {self.limit} (server.max_held_bytes); "
-            "retry later"
+            f"concur is overloaded: it holds {self.held} bytes of request bodies, and this "
+            f"one ({size} bytes) would pass its budget of {self.limit} bytes "
+            "(server.max_held_bytes); retry later"
         )
+
+
+def header_agent(identity: IdentityExtractor, headers: Mapping[str, str]) -> str | None:
+    """The agent a request's headers name, when no body source comes before that header
+    in ``admission.identity`` (the body could name another); else None."""
+    try:
+        found = identity.extract(headers, None)
+    except IdentityError:
+        return None  # the inspect layer answers it
+    if found is None:
+        return None
+    for source in identity.sources:
+        if source is found[1]:
+            return found[0]
+        if source.kind == "body":
+            return None
+    return None  # pragma: no cover - extract returns one of the sources
+
+
+def new_agent(gate: AdmissionGate, agent_id: str) -> bool:
+    """Whether a request of ``agent_id`` is a new agent's (not admitted: unknown or queued)."""
+    agent = gate.get(agent_id)
+    return agent is None or agent.state is AgentState.QUEUED

@@ -1,6 +1,7 @@
 """Overload protection's metrics, read from the proxy at scrape time.
 
-* ``concur_held_body_bytes``: bytes of request bodies waiting at the gate, against
+* ``concur_held_body_bytes``: bytes of agent steps' request bodies held (being read,
+  waiting at the gate or on their way upstream), against
   ``concur_held_body_bytes_limit`` (``server.max_held_bytes``; +Inf: no budget); the
   refusals are ``concur_admissions_total{outcome="overloaded"}``;
 * ``concur_upstream_connections{state}``: connections to the engine, ``idle`` in the
@@ -38,12 +39,12 @@ class OverloadStats:
         budget = self.proxy.budget
         yield GaugeMetricFamily(
             "concur_held_body_bytes",
-            "Bytes of request bodies waiting at the gate (queued or held)",
+            "Bytes of agent steps' request bodies held (read, waiting at the gate, in flight)",
             value=budget.held,
         )
         yield GaugeMetricFamily(
             "concur_held_body_bytes_limit",
-            "Budget of the waiting request bodies, server.max_held_bytes (+Inf = none)",
+            "Budget of the held request bodies, server.max_held_bytes (+Inf = none)",
             value=math.inf if budget.limit is None else budget.limit,
         )
         up = self.proxy.upstream

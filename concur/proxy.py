@@ -31,7 +31,7 @@ from typing import Literal
 from aiohttp import web
 
 from concur._admit import Permit, refusal
-from concur._budget import ByteBudget
+from concur._budget import ByteBudget, header_agent, new_agent
 from concur._forward import Forwarder
 from concur._inspect import GATED_PATHS, BodyTooLarge, Inspector, Step
 from concur._relay import REQUEST_ID_HEADER, Relayer
@@ -61,7 +61,7 @@ class ProxyOptions:
     """Seconds one write may wait for a client that stopped reading."""
     max_body_bytes: int = 32 << 20
     max_held_bytes: int = 1 << 30
-    """Budget of the bodies waiting at the gate (``server.max_held_bytes``; 0: none)."""
+    """Budget of the agent steps' bodies held (``server.max_held_bytes``; 0: none)."""
     identity: tuple[str | IdentitySource, ...] = DEFAULT_SOURCES
     max_identity_bytes: int = 256
     anonymous: Literal["gate", "bypass"] = "gate"
@@ -123,7 +123,7 @@ class Proxy:
         )
         self.forwarder.upstream = upstream
         self.budget = ByteBudget(options.max_held_bytes or None)
-        """Bytes of the request bodies waiting at the gate (:mod:`concur._budget`)."""
+        """Bytes of the agent steps' bodies held now (:mod:`concur._budget`)."""
         self.in_flight = 0
         self._request_id = RequestIds()
 
@@ -139,16 +139,30 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rid = self._request_id()
         self.in_flight += 1
+        budget = self.budget
+        held = 0  # bytes counted in the budget for this request
         try:
             inspector, forward = self.inspector, self.forwarder.forward
+            path = inspector.step_path(request)
+            over = False  # its body did not fit in the budget
             if request.body_exists:
+                length = request.content_length
+                if path is not None and length is not None and length <= inspector.max_body_bytes:
+                    over = not budget.fits(length)
+                    if over and self._new_agent_unread(request):
+                        return refusal(budget.refuse(length), None, rid, self.metrics)
+                    budget.take(length)
+                    held = length
                 try:
                     body = await inspector.read_body(request)
                 except BodyTooLarge:
                     return inspector.too_large(rid)
+                if path is not None and length is None:  # chunked: counted once read
+                    over = not budget.fits(len(body))
+                    budget.take(len(body))
+                    held = len(body)
             else:
                 body = b""
-            path = inspector.step_path(request)
             if path is None:
                 return await forward(request, rid, body, None, Step())
             try:
@@ -159,17 +173,24 @@ class Proxy:
             if agent_id is None:
                 self.metrics.on_admission("bypassed")
                 return await forward(request, rid, body, None, step)
+            if over and new_agent(self.gate, agent_id):
+                return refusal(budget.refuse(held), agent_id, rid, self.metrics)
             try:
                 async with Permit(
-                    self.gate,
-                    agent_id,
-                    context_tokens=step.context_tokens,
-                    done=step.done,
-                    budget=self.budget,
-                    body_bytes=len(body),
+                    self.gate, agent_id, context_tokens=step.context_tokens, done=step.done
                 ) as ticket:
                     return await forward(request, rid, body, ticket, step)
             except AdmissionError as exc:
                 return refusal(exc, agent_id, rid, self.metrics)
         finally:
+            budget.give(held)
             self.in_flight -= 1
+
+    def _new_agent_unread(self, request: web.Request) -> bool:
+        """Whether the request is a new agent's, told before its body is read: its
+        headers name an agent not admitted, or it is anonymous and gated as such."""
+        inspector = self.inspector
+        agent_id = header_agent(inspector.identity, request.headers)
+        if agent_id is not None:
+            return new_agent(self.gate, agent_id)
+        return not inspector.identity.needs_body and inspector.anonymous == "gate"

@@ -95,9 +95,9 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     """Largest request body accepted, in bytes."""
     max_held_bytes: int = Field(1024 * 1024 * 1024, ge=0)
-    """Budget, in bytes, of the request bodies waiting at the gate (queued new agents,
-    held steps); a new agent whose body would pass it gets 503 with Retry-After at once.
-    0: no budget. At least max_body_bytes otherwise."""
+    """Budget, in bytes, of the agent steps' request bodies concur holds (being read,
+    queued or held at the gate, in flight); a new agent whose body would pass it gets
+    503 with Retry-After at once. 0: no budget; else at least max_body_bytes."""
     drain_timeout: float = Field(30.0, ge=0)
     """On shutdown, seconds to let in-flight requests finish."""
     send_timeout: float = Field(60.0, gt=0)
