@@ -181,3 +181,17 @@ async def test_agents_named_by_their_bodies_are_told_apart_once_read(
     assert (await post("a", done=True)).status_code == 200
     assert [r.status_code for r in await asyncio.wait_for(asyncio.gather(*waiting), 5)] == [200] * 3
     assert budget.held == 0 and budget.refused == 1
+
+
+def test_headers_name_an_agent_only_when_no_body_source_comes_first() -> None:
+    from multidict import CIMultiDict
+
+    from concur._budget import header_agent
+    from concur.identity import IdentityExtractor
+
+    headers = CIMultiDict({"X-Session-Id": "s1"})
+    assert header_agent(IdentityExtractor(["header:X-Session-Id", "body:user"]), headers) == "s1"
+    assert header_agent(IdentityExtractor(["body:user", "header:X-Session-Id"]), headers) is None
+    assert header_agent(IdentityExtractor(["header:X-Other", "body:user"]), headers) is None
+    bad = CIMultiDict({"X-Session-Id": "x" * 300})  # too long: the inspect layer answers it
+    assert header_agent(IdentityExtractor(["header:X-Session-Id"]), bad) is None
