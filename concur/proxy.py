@@ -149,8 +149,10 @@ class Proxy:
                 length = request.content_length
                 if path is not None and length is not None and length <= inspector.max_body_bytes:
                     over = not budget.fits(length)
-                    if over and self._new_agent_unread(request):
-                        return refusal(budget.refuse(length), None, rid, self.metrics)
+                    if over:
+                        new, named = self._new_agent_unread(request)
+                        if new:
+                            return refusal(budget.refuse(length), named, rid, self.metrics)
                     budget.take(length)
                     held = length
                 try:
@@ -186,11 +188,12 @@ class Proxy:
             budget.give(held)
             self.in_flight -= 1
 
-    def _new_agent_unread(self, request: web.Request) -> bool:
-        """Whether the request is a new agent's, told before its body is read: its
-        headers name an agent not admitted, or it is anonymous and gated as such."""
+    def _new_agent_unread(self, request: web.Request) -> tuple[bool, str | None]:
+        """Whether the request is a new agent's, told before its body is read (its
+        headers name an agent not admitted, or it is anonymous and gated as such), and
+        the agent its headers name."""
         inspector = self.inspector
         agent_id = header_agent(inspector.identity, request.headers)
         if agent_id is not None:
-            return new_agent(self.gate, agent_id)
-        return not inspector.identity.needs_body and inspector.anonymous == "gate"
+            return new_agent(self.gate, agent_id), agent_id
+        return not inspector.identity.needs_body and inspector.anonymous == "gate", None

@@ -195,3 +195,19 @@ def test_headers_name_an_agent_only_when_no_body_source_comes_first() -> None:
     assert header_agent(IdentityExtractor(["header:X-Other", "body:user"]), headers) is None
     bad = CIMultiDict({"X-Session-Id": "x" * 300})  # too long: the inspect layer answers it
     assert header_agent(IdentityExtractor(["header:X-Session-Id"]), bad) is None
+
+
+async def test_anonymous_steps_past_the_budget_are_new_agents(
+    start_concur: Start, fake: FakeVLLM
+) -> None:
+    c = await start_concur(**{**BUDGET, "admission.identity": "header:X-Concur-Agent-Id"})
+    gate = c.runtime.gate
+    assert (await _step(c, "a")).status_code == 200
+    waiting = [_later(c, f"q{i}", done=True) for i in range(3)]
+    await wait_for(lambda: gate.queued == 3, what="three queued")
+    headers = {"Content-Type": "application/json"}
+    resp = await c.client.post("/v1/chat/completions", content=_body("anon"), headers=headers)
+    assert assert_openai_error(resp, 503)["code"] == "overloaded"
+    assert gate.queued == 3
+    assert (await _step(c, "a", done=True)).status_code == 200
+    assert [r.status_code for r in await asyncio.wait_for(asyncio.gather(*waiting), 5)] == [200] * 3
