@@ -29,53 +29,54 @@ if TYPE_CHECKING:
 class OverloadStats:
     """A collector for one proxy's budget and upstream pool (see the module docstring)."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self) -> None:
+        self.proxy: Proxy | None = None
+        """The proxy read at each scrape (set by the runtime; None: every value 0)."""
 
     def describe(self) -> Iterator[Metric]:
-        return iter(())  # collected lazily: nothing is read at registration
+        return self.collect()
 
     def collect(self) -> Iterator[Metric]:
-        budget = self.proxy.budget
+        proxy = self.proxy
+        budget = proxy.budget if proxy is not None else None
+        up = proxy.upstream if proxy is not None else None
         yield GaugeMetricFamily(
             "concur_held_body_bytes",
             "Bytes of agent steps' request bodies held (read, waiting at the gate, in flight)",
-            value=budget.held,
+            value=budget.held if budget is not None else 0,
         )
+        limit = budget.limit if budget is not None else None
         yield GaugeMetricFamily(
             "concur_held_body_bytes_limit",
             "Budget of the held request bodies, server.max_held_bytes (+Inf = none)",
-            value=math.inf if budget.limit is None else budget.limit,
+            value=math.inf if limit is None else limit,
         )
-        up = self.proxy.upstream
-        if up is None:
-            return
         connections = GaugeMetricFamily(
             "concur_upstream_connections",
             "Connections to the engine: idle in the pool, or busy (in use or opening)",
             labels=["state"],
         )
-        idle = sum(1 for conn in up._idle if not conn.closed)
+        idle = sum(1 for conn in up._idle if not conn.closed) if up is not None else 0
         connections.add_metric(["idle"], idle)
-        connections.add_metric(["busy"], max(0, up.open - idle))
+        connections.add_metric(["busy"], max(0, up.open - idle) if up is not None else 0)
         yield connections
         yield GaugeMetricFamily(
             "concur_upstream_connection_waiting",
             "Requests waiting for a connection to the engine (upstream.max_connections)",
-            value=up.waiting,
+            value=up.waiting if up is not None else 0,
         )
         yield CounterMetricFamily(
             "concur_upstream_connection_waits",
             "Requests that waited for a connection to the engine",
-            value=up.waits,
+            value=up.waits if up is not None else 0,
         )
         yield CounterMetricFamily(
             "concur_upstream_retries",
             "Requests sent again on a fresh connection after a reused one was found closed",
-            value=up.retries,
+            value=up.retries if up is not None else 0,
         )
         yield CounterMetricFamily(
             "concur_upstream_stale_connections",
             "Idle connections found closed by the engine when about to be used",
-            value=up.discarded,
+            value=up.discarded if up is not None else 0,
         )

@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from concur._overload_metrics import OverloadStats
 from concur.admission import GateEvent
 from concur.control import TickRecord
 
@@ -119,6 +120,9 @@ class ConcurMetrics:
         )
         self.upstream = UpstreamStats()
         r.register(self.upstream)
+        self.overload = OverloadStats()
+        """Held bodies and the upstream pool (:mod:`concur._overload_metrics`)."""
+        r.register(self.overload)
         # Labelled children looked up once: ``labels()`` costs more than the update itself.
         self._admission_children = {o: self.admissions.labels(o) for o in ADMISSION_OUTCOMES}
         self._event_children = {e: self.agent_events.labels(e) for e in AGENT_EVENTS}

@@ -18,7 +18,6 @@ from concur import logs
 from concur._admin import Admin
 from concur._control_loop import ControlLoop
 from concur._forward import make_upstream
-from concur._overload_metrics import OverloadStats
 from concur._views import redact
 from concur.adapters.registry import get_adapter
 from concur.admission import AdmissionGate
@@ -117,7 +116,7 @@ class Runtime:
         # Built now so the application can route to its handler directly; it gets its
         # upstream client (whose connections need the running loop) in start().
         self.proxy = Proxy(self.options, self.gate, self.metrics)
-        self.metrics.registry.register(OverloadStats(self.proxy))
+        self.metrics.overload.proxy = self.proxy
         self.started_at = clock()
         self.shutting_down = False
 
