@@ -38,6 +38,21 @@ At the end the run checks, and prints:
 Exit code 0 when lost = 0, leaked = 0, every fault was answered as expected and the
 RSS growth is under 50 MiB; 1 otherwise. ``--budget`` bounds the whole run (seconds):
 agents still running when it is spent are abandoned and reported.
+
+The flood (overload protection), instead of the agents above:
+
+    .venv/bin/python bench/soak.py --flood 3000 [--flood-body 400000]
+        [--flood-window 8] [--flood-held-mib 128] [--flood-arrival 5]
+
+``--flood-window`` agents fill the window (``static`` policy) and stay admitted while
+``--flood`` new agents arrive over ``--flood-arrival`` seconds, each with one step of
+``--flood-body`` bytes (padding beside a short chat), concur's held bodies bounded by
+``server.max_held_bytes = --flood-held-mib``. Once every flood request is answered or
+queued, the window's agents end and the queue drains. It checks, and prints: every
+request answered (200, or 503 ``overloaded`` with ``Retry-After``; no connection
+error, no timeout), concur responsive (``/healthz`` timed every 0.5 s throughout),
+its held bytes back to 0 and no slot leaked, and its peak RSS: the growth must stay
+under the budget plus ``FLOOD_RSS_SLACK_MIB`` (connections, buffers, parsing).
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import random
 import statistics
@@ -68,6 +84,8 @@ CHAT = "/v1/chat/completions"
 AGENT = "X-Concur-Agent-Id"
 DONE = "X-Concur-Agent-Done"
 MAX_RSS_GROWTH_MIB = 50.0
+FLOOD_RSS_SLACK_MIB = 128.0
+"""Flood: RSS growth allowed beyond the held-body budget (thousands of connections)."""
 FIRST_BYTE_TIMEOUT = 30.0
 IDLE_TIMEOUT = 5.0
 EXPECTED = {
@@ -507,6 +525,202 @@ def print_report(report: dict[str, Any], ok: bool, argv: list[str]) -> None:
     print("RESULT:", "PASS" if ok else "FAIL")
 
 
+# ------------------------------------------------------------------ the flood
+
+
+@dataclass
+class FloodResult:
+    """One flood request as its client saw it."""
+
+    status: int | None = None
+    code: str = ""
+    retry_after: str | None = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+async def flood(args: argparse.Namespace, concur: Proc, model: str) -> dict[str, Any]:
+    """The flood (see the module docstring); what it saw, for :func:`analyse_flood`."""
+    rss: list[float] = []
+    held: list[float] = []
+
+    async def sample() -> None:
+        while True:
+            rss.append(memory_kib(concur.pid) / 1024)
+            text = await asyncio.to_thread(_get_text, concur.url + "/metrics")
+            value = _metric(text, "concur_held_body_bytes")
+            if value is not None:
+                held.append(value)
+            await asyncio.sleep(0.25)
+
+    pings: dict[str, list[float]] = {}
+    stop_ping = threading.Event()
+    pinger = threading.Thread(
+        target=_ping, args=({"concur": concur.url + "/healthz"}, pings, stop_ping), daemon=True
+    )
+    small = {"model": model, "messages": [{"role": "user", "content": "hold"}], "max_tokens": 4}
+    pad = max(0, args.flood_body - len(json.dumps(small)) - 20)
+    body = json.dumps({**small, "soak_padding": "x" * pad}).encode()
+    results = [FloodResult() for _ in range(args.flood)]
+    answered = 0
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout)
+    connector = aiohttp.TCPConnector(limit=0)
+    rng = random.Random(args.seed)
+
+    async def one(i: int) -> None:
+        nonlocal answered
+        await asyncio.sleep(rng.uniform(0.0, args.flood_arrival))
+        res = results[i]
+        headers = {AGENT: f"flood-{i}", DONE: "1", "Content-Type": "application/json"}
+        t0 = time.monotonic()
+        try:
+            async with session.post(concur.url + CHAT, data=body, headers=headers) as resp:
+                res.status = resp.status
+                res.retry_after = resp.headers.get("Retry-After")
+                payload = await resp.read()
+                if resp.status != 200:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        res.code = str(json.loads(payload)["error"]["code"])
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            res.error = f"{type(exc).__name__}: {exc}"
+        res.seconds = time.monotonic() - t0
+        answered += 1
+
+    sampler = asyncio.create_task(sample())
+    pinger.start()
+    rss_start = concur.rss_mib()
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # The window's agents: one step each, not their last, so they stay admitted.
+        holders = [f"holder-{i}" for i in range(args.flood_window)]
+        for name in holders:
+            async with session.post(concur.url + CHAT, json=small, headers={AGENT: name}) as r:
+                await r.read()
+                assert r.status == 200, r.status
+        tasks = [asyncio.create_task(one(i)) for i in range(args.flood)]
+        # Every flood request refused or queued, the window still full.
+        deadline = time.monotonic() + args.flood_arrival + 120.0
+        status: dict[str, Any] = {"queued": 0}
+        while time.monotonic() < deadline:
+            status = await asyncio.to_thread(_get_json, concur.url + "/concur/status")
+            if answered + status["queued"] >= args.flood:
+                break
+            await asyncio.sleep(0.25)
+        queued_at_peak = status["queued"]
+        flooded_in = time.monotonic() - started
+        for name in holders:  # their last steps: the queue drains
+            headers = {AGENT: name, DONE: "1"}
+            async with session.post(concur.url + CHAT, json=small, headers=headers) as r:
+                await r.read()
+        _, pending = await asyncio.wait(tasks, timeout=args.budget)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    status = await wait_drained(concur.url, 30.0)
+    text = await asyncio.to_thread(_get_text, concur.url + "/metrics")
+    stop_ping.set()
+    sampler.cancel()
+    return {
+        "results": results,
+        "cut": len(pending),
+        "status": status,
+        "queued_at_peak": queued_at_peak,
+        "flooded_in": flooded_in,
+        "seconds": time.monotonic() - started,
+        "rss_start": rss_start,
+        "rss": rss,
+        "held": held,
+        "held_end": _metric(text, "concur_held_body_bytes"),
+        "refused_metric": _metric(text, 'concur_admissions_total{outcome="overloaded"}'),
+        "pings": pings.get("concur", []),
+        "body_bytes": len(body),
+    }
+
+
+def analyse_flood(
+    run: dict[str, Any], args: argparse.Namespace, rss_peak_kib: int
+) -> tuple[dict[str, Any], bool]:
+    results: list[FloodResult] = run["results"]
+    statuses = collections.Counter(
+        str(r.status) if r.status is not None else "no_response" for r in results
+    )
+    codes = collections.Counter(r.code for r in results if r.status not in (None, 200))
+    refused = [r for r in results if r.status == 503]
+    without_retry = sum(1 for r in refused if not r.retry_after)
+    errors = [r.error for r in results if r.error]
+    budget_mib = args.flood_held_mib
+    peak = rss_peak_kib / 1024
+    growth = peak - run["rss_start"]
+    status = run["status"]
+    leaked = sum(int(status[k]) for k in ("active", "queued", "in_flight", "held"))
+    pings = run["pings"]
+    answered = sum(1 for r in results if r.status is not None)
+    refused_s = [r.seconds for r in refused]
+    report = {
+        "flood_agents": args.flood,
+        "body_bytes": run["body_bytes"],
+        "window": args.flood_window,
+        "held_budget_mib": budget_mib,
+        "requests": len(results),
+        "answered": answered,
+        "statuses": dict(sorted(statuses.items())),
+        "refusal_codes": dict(sorted(codes.items())),
+        "refused_without_retry_after": without_retry,
+        "refused_answer_ms": {
+            "p50": round(1000 * _percentile(refused_s, 0.5), 1),
+            "p99": round(1000 * _percentile(refused_s, 0.99), 1),
+            "max": round(1000 * max(refused_s or [0.0]), 1),
+        },
+        "client_errors": len(errors),
+        "client_error_examples": errors[:5],
+        "cut_by_budget": run["cut"],
+        "queued_at_peak": run["queued_at_peak"],
+        "held_bytes_peak_mib": round(max(run["held"] or [0.0]) / (1 << 20), 1),
+        "held_bytes_end": run["held_end"],
+        "refused_metric": run["refused_metric"],
+        "leaked_slots": leaked,
+        "healthz_ms": {
+            "samples": len(pings),
+            "p50": round(1000 * _percentile(pings, 0.5), 1),
+            "p99": round(1000 * _percentile(pings, 0.99), 1),
+            "max": round(1000 * max(pings or [0.0]), 1),
+        },
+        "concur_rss_mib": {
+            "start": round(run["rss_start"], 1),
+            "peak": round(peak, 1),
+            "growth": round(growth, 1),
+            "end": round(run["rss"][-1], 1) if run["rss"] else None,
+        },
+        "flooded_in_seconds": round(run["flooded_in"], 1),
+        "seconds": round(run["seconds"], 1),
+    }
+    ok = (
+        answered == len(results)
+        and not errors
+        and run["cut"] == 0
+        and set(statuses) <= {"200", "503", "429"}
+        and set(codes) <= {"overloaded", "queue_timeout"}
+        and without_retry == 0
+        and run["held_end"] == 0
+        and leaked == 0
+        and len(pings) > 0
+        and growth < budget_mib + FLOOD_RSS_SLACK_MIB
+    )
+    return report, ok
+
+
 async def main_async(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], bool]:
     engine_port, hop_port, concur_port = free_port(), free_port(), free_port()
     engine = Proc(
@@ -567,12 +781,23 @@ async def main_async(args: argparse.Namespace, logs: Path) -> tuple[dict[str, An
             "--set",
             f"engine.metrics_url={engine.url}/metrics",
             "--set",
-            f"admission.idle_timeout={IDLE_TIMEOUT}",
+            # (the flood's window agents stay admitted, idle, while the flood arrives)
+            f"admission.idle_timeout={600 if args.flood else IDLE_TIMEOUT}",
             "--set",
             f"upstream.first_byte_timeout={FIRST_BYTE_TIMEOUT}",
             "--set",
             "admission.anonymous=bypass",  # the "via" probes: through concur, never gated
-            *(["--policy", args.policy] if args.policy else []),
+            *(["--policy", args.policy] if args.policy and not args.flood else []),
+            *(
+                [
+                    "--policy",
+                    f"static:{args.flood_window}",
+                    "--set",
+                    f"server.max_held_bytes={args.flood_held_mib << 20}",
+                ]
+                if args.flood
+                else []
+            ),
         ],
         f"http://127.0.0.1:{concur_port}",
         ready_path="/healthz",
@@ -583,6 +808,9 @@ async def main_async(args: argparse.Namespace, logs: Path) -> tuple[dict[str, An
         for p in procs:
             p.start()
         model = _get_json(engine.url + "/v1/models")["data"][0]["id"]
+        if args.flood:
+            flooded = await flood(args, concur, model)
+            return analyse_flood(flooded, args, memory_kib(concur.pid, "VmHWM"))
         rss_start = concur.rss_mib()
         run = await drive(args, concur, hop.url, model)
         rss_end = concur.rss_mib()
@@ -623,6 +851,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--profile-concur", type=Path, default=None, help="run concur under cProfile (CPU time)"
+    )
+    ap.add_argument(
+        "--flood", type=int, default=0, help="run the flood with this many new agents instead"
+    )
+    ap.add_argument("--flood-body", type=int, default=400_000, help="flood: bytes per body")
+    ap.add_argument("--flood-window", type=int, default=8, help="flood: agents filling the window")
+    ap.add_argument(
+        "--flood-held-mib", type=int, default=128, help="flood: server.max_held_bytes, MiB"
+    )
+    ap.add_argument(
+        "--flood-arrival", type=float, default=5.0, help="flood: agents arrive over this many s"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
     ap.add_argument("--logs", type=Path, default=None, help="keep process logs in this folder")

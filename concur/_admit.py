@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from concur import logs
+from concur._budget import OverBudget
 from concur._errors import openai_error
 from concur.admission import (
     AdmissionError,
@@ -131,8 +132,20 @@ def refusal(
     exc: AdmissionError, agent_id: str | None, rid: str, metrics: ConcurMetrics
 ) -> web.Response:
     """The answer to a step the gate refused: 429 (queue full or timed out, with
-    ``Retry-After``), 503 (shutting down), 409 (its agent was ended)."""
+    ``Retry-After``), 503 (shutting down, or held bodies over their budget, with
+    ``Retry-After``), 409 (its agent was ended)."""
     fields: dict[str, Any] = {"request_id": rid, "agent": agent_id, "reason": exc.reason}
+    if isinstance(exc, OverBudget):
+        metrics.on_admission("overloaded")
+        logs.event(log, "request_rejected", status=503, **fields)
+        retry = max(1, math.ceil(exc.retry_after or 1.0))
+        return openai_error(
+            503,
+            str(exc),
+            type_="server_error",
+            code=exc.reason,
+            headers={"Retry-After": str(retry)},
+        )
     if isinstance(exc, QueueFull | QueueTimeout):
         retry = max(1, math.ceil(exc.retry_after or 1.0))
         logs.event(log, "request_rejected", status=429, **fields)

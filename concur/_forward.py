@@ -54,22 +54,27 @@ def make_upstream(
     connect_timeout: float | None,
     ssl_context: ssl.SSLContext | None,
     framing: Framing = "builtin",
+    *,
+    keepalive: float = 4.0,
+    max_connections: int | None = 1024,
 ) -> Upstream:
     """The one upstream client: pooled keep-alive connections, bodies relayed as they are.
 
     Nothing is decoded (compressed bodies go through byte for byte with their
     ``Content-Encoding``), no cookies are kept (one agent's cannot leak to another)
     and no proxy environment variable applies: the upstream is only ever the
-    configured one. Idle connections are dropped after 4 s, before uvicorn's (vLLM's)
-    5 s keep-alive expires, so a POST is never sent on a connection the engine is
-    closing.
+    configured one. Idle connections are dropped after ``keepalive`` seconds
+    (``upstream.keepalive``, 4 s: before uvicorn's, vLLM's, 5 s keep-alive expires), or
+    sooner when the engine's ``Keep-Alive: timeout`` header says so; at most
+    ``max_connections`` are open (``upstream.max_connections``).
     """
     return Upstream(
         url,
         connect_timeout=connect_timeout,
-        keepalive=4.0,
+        keepalive=keepalive,
         ssl_context=ssl_context,
         framing=framing,
+        max_connections=max_connections,
     )
 
 

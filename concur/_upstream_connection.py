@@ -9,6 +9,7 @@ more than :data:`HIGH_WATER` bytes of body wait unread.
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -143,6 +144,7 @@ class _Connection(asyncio.Protocol):
     """One connection to the upstream: a :class:`~concur._framing.Sink` to its framer."""
 
     __slots__ = (
+        "_fd",
         "_feed",
         "_framer",
         "_got",
@@ -151,6 +153,7 @@ class _Connection(asyncio.Protocol):
         "_resp",
         "clock",
         "closed",
+        "counted",
         "idle_since",
         "loop",
         "paused",
@@ -167,7 +170,11 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.reused = False
+        self.counted = False
+        """Counted in the pool's open connections (until it closes)."""
         self.idle_since = 0.0
+        self._fd = -1
+        """The socket's descriptor, for :meth:`peer_closed` (-1: unknown)."""
         self._framer = pool.framer(self, loop)
         self._feed = self._framer.feed
         self._reading = False
@@ -180,22 +187,46 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ exchange
 
     async def exchange(self, head: bytes, body: bytes | None, method: str) -> UpstreamResponse:
-        """Send one request; its response once the headers are in."""
+        """Send one request; its response once the headers are in.
+
+        Raises :class:`UpstreamDisconnected` with ``unsent`` when the connection is
+        found closed before any byte of the request went out: already closed, or the
+        first write failing at once (the engine reset the connection).
+        """
         transport = self.transport
         assert transport is not None and not self._reading
+        if self.closed or transport.is_closing():
+            self.abort()
+            raise UpstreamDisconnected(
+                "the upstream closed the connection before the request was sent",
+                before_response=True,
+                unsent=True,
+            )
         self._resp = UpstreamResponse(self)
         self._reading = True
         self._got = False
         self._framer.begin(method == "HEAD")
         waiter: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self._head_waiter = waiter
+        # A write the socket refuses at once (reset) closes the transport before it
+        # returns, with none of its bytes sent (asyncio tries the send right away).
         if not body:
             transport.write(head)
         elif len(body) < 1 << 16:
             transport.write(head + body)
         else:
             transport.write(head)
-            transport.write(body)
+            if not transport.is_closing():
+                transport.write(body)
+                head = b""  # sent: a failure from now on is not "unsent"
+        if transport.is_closing() and head:
+            self._head_waiter = None
+            self.abort()
+            raise UpstreamDisconnected(
+                "the upstream reset the connection before the request was sent",
+                before_response=True,
+                unsent=True,
+            )
         try:
             return await waiter
         except BaseException:
@@ -218,6 +249,27 @@ class _Connection(asyncio.Protocol):
         self._resp = None
         if self.transport is not None:
             self.transport.abort()
+        self._gone()
+
+    def peer_closed(self) -> bool:
+        """Whether an idle connection has anything to read: the engine's FIN or reset
+        (or bytes nobody asked for) that the event loop has not handled yet. One
+        ``poll`` call, so a request is not written to a connection already closed."""
+        if self.closed:
+            return True
+        if self._fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN | select.POLLPRI)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
+
+    def _gone(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.pool._left()
 
     def resume(self) -> None:
         self.paused = False
@@ -229,9 +281,16 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(select, "poll"):
+            try:
+                self._fd = sock.fileno()
+            except (OSError, ValueError):  # pragma: no cover - a socket already closed
+                self._fd = -1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._gone()
         if not self._reading:
             return
         if exc is None and self._framer.feed_eof():  # a clean close is this body's end
@@ -280,6 +339,9 @@ class _Connection(asyncio.Protocol):
         resp.version = version
         resp.headers = headers
         resp.length = length
+        keepalive = headers.get("Keep-Alive")
+        if keepalive is not None:
+            self.pool.engine_keepalive(keepalive)
         waiter.set_result(resp)
 
     def on_body(self, piece: bytes) -> None:

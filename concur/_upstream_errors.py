@@ -16,11 +16,16 @@ class UpstreamConnectTimeout(UpstreamConnectError, TimeoutError):
 
 
 class UpstreamDisconnected(UpstreamError):
-    """The upstream closed the connection before its response ended."""
+    """The upstream closed the connection before its response ended.
 
-    def __init__(self, message: str, *, before_response: bool) -> None:
+    ``before_response``: no byte of the response came; ``unsent``: no byte of the
+    request went out either (so any request may be sent again).
+    """
+
+    def __init__(self, message: str, *, before_response: bool, unsent: bool = False) -> None:
         super().__init__(message)
         self.before_response = before_response
+        self.unsent = unsent
 
 
 class UpstreamProtocolError(UpstreamError):

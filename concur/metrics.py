@@ -19,12 +19,23 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from concur._overload_metrics import OverloadStats
 from concur.admission import GateEvent
 from concur.control import TickRecord
 
-ADMISSION_OUTCOMES = ("admitted", "queued", "full", "timeout", "cancelled", "closed", "bypassed")
+ADMISSION_OUTCOMES = (
+    "admitted",
+    "queued",
+    "full",
+    "timeout",
+    "cancelled",
+    "closed",
+    "bypassed",
+    "overloaded",
+)
 """``concur_admissions_total{outcome}``: what happened to a new agent (or an anonymous,
-ungated request: ``bypassed``). ``closed`` = refused while shutting down."""
+ungated request: ``bypassed``). ``closed`` = refused while shutting down; ``overloaded``
+= refused because its body did not fit in ``server.max_held_bytes``."""
 AGENT_EVENTS = ("paused", "resumed", "ended", "held", "released", "gone")
 """``concur_agent_events_total{event}``; ``gone``: a client hung up mid-request (its
 agent ends after ``admission.disconnect_grace`` unless it sends again)."""
@@ -114,6 +125,9 @@ class ConcurMetrics:
         )
         self.upstream = UpstreamStats()
         r.register(self.upstream)
+        self.overload = OverloadStats()
+        """Held bodies and the upstream pool (:mod:`concur._overload_metrics`)."""
+        r.register(self.overload)
         # Labelled children looked up once: ``labels()`` costs more than the update itself.
         self._admission_children = {o: self.admissions.labels(o) for o in ADMISSION_OUTCOMES}
         self._event_children = {e: self.agent_events.labels(e) for e in AGENT_EVENTS}

@@ -31,6 +31,7 @@ from typing import Literal
 from aiohttp import web
 
 from concur._admit import Permit, refusal
+from concur._budget import ByteBudget, header_agent, new_agent
 from concur._forward import Forwarder
 from concur._inspect import GATED_PATHS, BodyTooLarge, Inspector, Step
 from concur._relay import REQUEST_ID_HEADER, Relayer
@@ -59,6 +60,8 @@ class ProxyOptions:
     send_timeout: float = 60.0
     """Seconds one write may wait for a client that stopped reading."""
     max_body_bytes: int = 32 << 20
+    max_held_bytes: int = 1 << 30
+    """Budget of the agent steps' bodies held (``server.max_held_bytes``; 0: none)."""
     identity: tuple[str | IdentitySource, ...] = DEFAULT_SOURCES
     max_identity_bytes: int = 256
     anonymous: Literal["gate", "bypass"] = "bypass"
@@ -68,6 +71,10 @@ class ProxyOptions:
     """TLS for an https upstream (None: the system's CAs)."""
     framing: Framing = "builtin"
     """The upstream client's response parser (``upstream.framing``)."""
+    keepalive: float = _UPSTREAM_DEFAULTS.keepalive
+    """Seconds an upstream connection may stay idle (``upstream.keepalive``)."""
+    max_connections: int = _UPSTREAM_DEFAULTS.max_connections
+    """Cap on open upstream connections (``upstream.max_connections``)."""
 
 
 class RequestIds:
@@ -115,6 +122,8 @@ class Proxy:
             read_timeout=options.read_timeout,
         )
         self.forwarder.upstream = upstream
+        self.budget = ByteBudget(options.max_held_bytes or None)
+        """Bytes of the agent steps' bodies held now (:mod:`concur._budget`)."""
         self.in_flight = 0
         self._request_id = RequestIds()
 
@@ -130,16 +139,32 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rid = self._request_id()
         self.in_flight += 1
+        budget = self.budget
+        held = 0  # bytes counted in the budget for this request
         try:
             inspector, forward = self.inspector, self.forwarder.forward
+            path = inspector.step_path(request)
+            over = False  # its body did not fit in the budget
             if request.body_exists:
+                length = request.content_length
+                if path is not None and length is not None and length <= inspector.max_body_bytes:
+                    over = not budget.fits(length)
+                    if over:
+                        new, named = self._new_agent_unread(request)
+                        if new:
+                            return refusal(budget.refuse(length), named, rid, self.metrics)
+                    budget.take(length)
+                    held = length
                 try:
                     body = await inspector.read_body(request)
                 except BodyTooLarge:
                     return inspector.too_large(rid)
+                if path is not None and length is None:  # chunked: counted once read
+                    over = not budget.fits(len(body))
+                    budget.take(len(body))
+                    held = len(body)
             else:
                 body = b""
-            path = inspector.step_path(request)
             if path is None:
                 return await forward(request, rid, body, None, Step())
             try:
@@ -150,6 +175,8 @@ class Proxy:
             if agent_id is None:
                 self.metrics.on_admission("bypassed")
                 return await forward(request, rid, body, None, step)
+            if over and new_agent(self.gate, agent_id):
+                return refusal(budget.refuse(held), agent_id, rid, self.metrics)
             try:
                 async with Permit(
                     self.gate, agent_id, context_tokens=step.context_tokens, done=step.done
@@ -158,4 +185,15 @@ class Proxy:
             except AdmissionError as exc:
                 return refusal(exc, agent_id, rid, self.metrics)
         finally:
+            budget.give(held)
             self.in_flight -= 1
+
+    def _new_agent_unread(self, request: web.Request) -> tuple[bool, str | None]:
+        """Whether the request is a new agent's, told before its body is read (its
+        headers name an agent not admitted, or it is anonymous and gated as such), and
+        the agent its headers name."""
+        inspector = self.inspector
+        agent_id = header_agent(inspector.identity, request.headers)
+        if agent_id is not None:
+            return new_agent(self.gate, agent_id), agent_id
+        return not inspector.identity.needs_body and inspector.anonymous == "gate", None

@@ -44,12 +44,15 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         read_timeout=up.read_timeout,
         send_timeout=settings.server.send_timeout,
         max_body_bytes=settings.server.max_body_bytes,
+        max_held_bytes=settings.server.max_held_bytes,
         identity=tuple(IdentitySource(kind, name) for kind, name in adm.identity_sources()),
         max_identity_bytes=adm.max_identity_bytes,
         anonymous=adm.anonymous,
         done_header=adm.done_header,
         ssl_context=tls_context(up.ca_file),
         framing=up.framing,
+        keepalive=up.keepalive,
+        max_connections=up.max_connections,
     )
 
 
@@ -112,13 +115,19 @@ class Runtime:
         # Built now so the application can route to its handler directly; it gets its
         # upstream client (whose connections need the running loop) in start().
         self.proxy = Proxy(self.options, self.gate, self.metrics)
+        self.metrics.overload.proxy = self.proxy
         self.started_at = clock()
         self.shutting_down = False
 
     async def start(self) -> None:
         opts = self.options
         self.upstream = self.proxy.upstream = make_upstream(
-            opts.upstream, opts.connect_timeout, opts.ssl_context, opts.framing
+            opts.upstream,
+            opts.connect_timeout,
+            opts.ssl_context,
+            opts.framing,
+            keepalive=opts.keepalive,
+            max_connections=opts.max_connections,
         )
         self.poller.start()
         self.control.start()

@@ -9,7 +9,17 @@ chunk per token, those layers cost more CPU than all of concur's own work
 (README, "Proxy overhead"). This module does the one job directly on asyncio:
 
 * keep-alive connections to the one origin, reused newest first and dropped
-  after ``keepalive`` idle seconds (before the engine's own keep-alive expires);
+  after ``keepalive`` idle seconds, or sooner when the engine's ``Keep-Alive:
+  timeout=N`` says it closes them sooner (before the engine's own keep-alive
+  expires); an idle connection with anything to read (the engine's FIN or reset, not
+  yet handled) is dropped rather than written to;
+* at most ``max_connections`` of them open: past that a request waits for one to be
+  released (bounded by the caller's own deadline), as Envoy's circuit breaker bounds
+  its connection pool;
+* a request that finds its reused connection closed before any byte of it was sent
+  (the keep-alive race) is sent once more on a fresh connection, whatever its
+  method; one already (partly) sent is repeated only if its method is idempotent
+  (:data:`IDEMPOTENT`), and never once response bytes arrived;
 * the request written in one piece (head and body: concur has read the body);
 * the response read by a framer (``framing``, :mod:`concur._framing`: concur's
   own parser, llhttp through httptools, or aiohttp's C parser): status line,
@@ -26,7 +36,9 @@ already under way) rather than guess at the framing.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,11 +68,35 @@ __all__ = [
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamResponse",
+    "keepalive_margin",
+    "keepalive_timeout",
 ]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-"""Methods retried once when a reused connection turns out closed before any answer."""
+"""Methods retried once when a reused connection turns out closed before any answer
+(any method is, when not a byte of it was sent)."""
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def keepalive_timeout(header: str) -> float | None:
+    """The ``timeout`` of a ``Keep-Alive`` response header (``timeout=5, max=100``),
+    in seconds; None when it has none that is a number >= 0."""
+    for part in header.split(","):
+        name, eq, value = part.partition("=")
+        if eq and name.strip().lower() == "timeout":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return None
+            return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return None
+
+
+def keepalive_margin(engine_timeout: float) -> float:
+    """How long concur keeps a connection idle when the engine says it keeps it
+    ``engine_timeout`` seconds: a second less (half of it, under two seconds), so
+    concur drops it first."""
+    return max(engine_timeout - 1.0, engine_timeout / 2)
 
 
 class Upstream:
@@ -75,6 +111,7 @@ class Upstream:
         keepalive: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
         framing: Framing = "builtin",
+        max_connections: int | None = None,
     ) -> None:
         origin = URL(url)
         if origin.scheme not in ("http", "https") or not origin.raw_host:
@@ -87,7 +124,27 @@ class Upstream:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if origin.is_default_port() else f"{host}:{port}"
         self.connect_timeout = connect_timeout
+        self.keepalive_limit = keepalive
+        """The configured idle limit (``upstream.keepalive``)."""
         self.keepalive = keepalive
+        """Seconds a connection may stay idle: ``keepalive_limit``, or less if the engine's
+        ``Keep-Alive`` header says so."""
+        self.engine_timeout: float | None = None
+        """The engine's own keep-alive (its ``Keep-Alive: timeout``), once it said it."""
+        self._keepalive_header: str | None = None
+        self.max_connections = max_connections
+        """Cap on open connections (None: none)."""
+        self.open = 0
+        """Connections open or being opened."""
+        self.retries = 0
+        """Requests sent again on a fresh connection."""
+        self.discarded = 0
+        """Idle connections found closed by the engine when about to be used."""
+        self.waits = 0
+        """Requests that waited for a connection (``max_connections`` reached)."""
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        """Requests waiting for a connection: handed one released, or None (a slot to
+        open one in, already counted in ``open``)."""
         self.framer = framer_factory(framing)
         """Makes each connection's framer (:mod:`concur._framing`)."""
         self._ssl: ssl.SSLContext | None = None
@@ -132,17 +189,44 @@ class Upstream:
         head = self.head(method, target, headers, None if body is None else len(body))
         retried = False
         while True:
-            conn = self._take()
+            conn = None if retried else self._take()
             if conn is None:
-                conn = await self._connect()
+                conn = await self._obtain()
             try:
                 return await conn.exchange(head, body, method)
             except UpstreamDisconnected as exc:
                 # The keep-alive race: the engine closed an idle connection as the
-                # request went out. Only a request safe to repeat is sent again.
-                if not (exc.before_response and conn.reused and method in IDEMPOTENT) or retried:
+                # request went out. Sent again, once, on a fresh connection: any
+                # request none of which was sent, else one safe to repeat.
+                if retried or not conn.reused:
+                    raise
+                if not (exc.unsent or (exc.before_response and method in IDEMPOTENT)):
                     raise
                 retried = True
+                self.retries += 1
+
+    @property
+    def idle(self) -> int:
+        """Idle connections in the pool (some may have been closed by the engine since)."""
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection now."""
+        return sum(1 for w in self._waiters if not w.done())
+
+    def engine_keepalive(self, header: str) -> None:
+        """A response's ``Keep-Alive`` header: idle connections are dropped before the
+        engine's ``timeout`` (see :func:`keepalive_margin`), never later than
+        ``keepalive_limit``."""
+        if header == self._keepalive_header:
+            return
+        self._keepalive_header = header
+        seconds = keepalive_timeout(header)
+        if seconds is None:
+            return
+        self.engine_timeout = seconds
+        self.keepalive = min(self.keepalive_limit, keepalive_margin(seconds))
 
     def put(self, conn: _Connection) -> None:
         if self._closed:
@@ -150,6 +234,12 @@ class Upstream:
             return
         conn.reused = True
         conn.idle_since = conn.clock()
+        waiters = self._waiters
+        while waiters:  # a request waiting for a connection takes it at once
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
         self._idle.append(conn)
         if self._sweep is None:
             self._sweep = conn.loop.call_later(self.keepalive, self._expire)
@@ -163,6 +253,10 @@ class Upstream:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamConnectError("the upstream client is closed"))
 
     # ------------------------------------------------------------ internals
 
@@ -171,9 +265,46 @@ class Upstream:
         while idle:
             conn = idle.pop()
             if not self._stale(conn, conn.clock()):
-                return conn
+                if not conn.peer_closed():
+                    return conn
+                self.discarded += 1
             conn.abort()
         return None
+
+    async def _obtain(self) -> _Connection:
+        """A new connection, or past ``max_connections`` the first one released (or a
+        new one as soon as one closes), in the order the requests came."""
+        cap = self.max_connections
+        if cap is None or self.open < cap:
+            self.open += 1
+            return await self._connect()
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.waits += 1
+        try:
+            conn = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                given = waiter.result()  # handed over as this request gave up: pass it on
+                if given is None:
+                    self._left()
+                else:
+                    self.put(given)
+            raise
+        if conn is None:  # a slot, counted for this request already
+            return await self._connect()
+        return conn
+
+    def _left(self) -> None:
+        """One connection closed (or failed to open): its slot goes to the first waiter."""
+        self.open -= 1
+        cap = self.max_connections
+        waiters = self._waiters
+        while waiters and (cap is None or self.open < cap):
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.open += 1
+                waiter.set_result(None)
 
     def _stale(self, conn: _Connection, now: float) -> bool:
         """Not to be used again: closed (or closing), or idle ``keepalive`` seconds."""
@@ -196,6 +327,7 @@ class Upstream:
             self._sweep = idle[0].loop.call_later(max(wait, 0.01), self._expire)
 
     async def _connect(self) -> _Connection:
+        """A new connection, in a slot already counted in ``open``."""
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {}
         if self._ssl is not None:
@@ -206,10 +338,18 @@ class Upstream:
                     lambda: _Connection(self, loop), self.host, self.port, **kwargs
                 )
         except TimeoutError:
+            self._left()
             raise UpstreamConnectTimeout(
                 f"no connection to {self.origin} within {self.connect_timeout:g}s "
                 "(upstream.connect_timeout)"
             ) from None
         except (OSError, ssl.SSLError) as exc:
+            self._left()
             raise UpstreamConnectError(f"cannot connect to {self.origin}: {exc}") from exc
+        except BaseException:
+            self._left()
+            raise
+        conn.counted = True
+        if conn.closed:  # lost before it was handed over
+            conn.abort()
         return conn

@@ -60,6 +60,13 @@ class UpstreamSettings(_Section):
     """Parser of the engine's responses: llhttp through httptools (the default: as cheap as
     concur's own parser or cheaper in bench/proxy_overhead.py), aiohttp's C parser, or
     concur's own (builtin)."""
+    keepalive: float = Field(4.0, gt=0, le=3600)
+    """Seconds an idle connection to the engine is kept for reuse; set it under the
+    engine's own keep-alive (uvicorn's, vLLM's: 5 s). An engine that sends Keep-Alive:
+    timeout=N shortens it to about N - 1."""
+    max_connections: int = Field(1024, ge=1, le=65536)
+    """Most connections open to the engine at once; past it a request waits for one to
+    be released (within first_byte_timeout)."""
 
     @field_validator("url")
     @classmethod
@@ -89,6 +96,10 @@ class ServerSettings(_Section):
     """TCP port to listen on."""
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     """Largest request body accepted, in bytes."""
+    max_held_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    """Budget, in bytes, of the agent steps' request bodies concur holds (being read,
+    queued or held at the gate, in flight); a new agent whose body would pass it gets
+    503 with Retry-After at once. 0: no budget; else at least max_body_bytes."""
     drain_timeout: float = Field(30.0, ge=0)
     """On shutdown, seconds to let in-flight requests finish."""
     send_timeout: float = Field(60.0, gt=0)
@@ -105,6 +116,16 @@ class ServerSettings(_Section):
     @classmethod
     def _empty_token(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _held_budget(self) -> Self:
+        if 0 < self.max_held_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_held_bytes ({self.max_held_bytes}) must be 0 (no budget) or at least "
+                f"max_body_bytes ({self.max_body_bytes}), or a body that is accepted could "
+                "never wait"
+            )
+        return self
 
 
 class EngineSettings(_Section):
