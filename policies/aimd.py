@@ -193,10 +193,13 @@ class AIMD:
         values = pressure_mod.parts(obs)
         p = pressure_mod.combine(values, prm.pressure)
         if prm.engine_aware:
+            # With no agent at all the engine's idleness says nothing about a swarm (a
+            # sidecar waits hours for one): such intervals are not averaged in.
+            agents = obs.live + obs.paused + obs.queued > 0
             self.load.update(
                 obs.now,
                 obs.interval_s,
-                obs.busy,
+                obs.busy if agents else None,
                 obs.completed,
                 obs.latency_s,
                 obs.tool_s,

@@ -152,7 +152,14 @@ class EngineLoad:
             elif self.judged and congested and now - self.since >= self.reprobe_s:
                 self._switch(Mode.RESIDENT, now)
             return self.mode
-        idle = self.busy.value is not None and self.busy.value < self.busy_low
+        # Idle is judged only once an agent cycle has been seen: before it, the dwell
+        # has no length, and the busy share may still hold the quiet before the swarm.
+        idle = (
+            self.cycle is not None
+            and self.cycle.value is not None
+            and self.busy.value is not None
+            and self.busy.value < self.busy_low
+        )
         if not (held_back and idle):
             self.idle_since = None
         elif self.idle_since is None:

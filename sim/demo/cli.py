@@ -298,7 +298,14 @@ def _print_next(
     scaled = live_settings(speed)
     sets = " ".join(
         f"--set {k}={scaled[k]:g}"
-        for k in ("control.interval", "engine.poll_interval", "policy.aimd.decrease_cooldown")
+        for k in (
+            "control.interval",
+            "engine.poll_interval",
+            "policy.aimd.decrease_cooldown",
+            "policy.aimd.open_dwell",
+            "policy.aimd.reprobe",
+            "admission.max_queue_wait",
+        )
     )
     print(
         f"  concur engine {engine_flags} --speed {speed:g} --port 8000\n"

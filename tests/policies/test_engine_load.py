@@ -210,3 +210,27 @@ def test_without_a_busy_share_the_law_is_the_cache_law() -> None:
     assert default.load.mode is Mode.RESIDENT
     cached = build_policy("aimd:cache")
     assert isinstance(cached, AIMD) and cached.params.engine_aware is False
+
+
+def test_idle_is_not_judged_before_an_agent_cycle_was_seen() -> None:
+    # Requests are running but none has come back from its tool call yet: the dwell of
+    # "two cycles" has no length, and an idle reading means nothing.
+    el = load(min_dwell_s=0.5)
+    for t in range(1, 10):
+        el.update(float(t), 1.0, 0.3, 0, latency_s=None, tool_s=None)
+        assert el.step(float(t), held_back=True, congested=True) is Mode.RESIDENT
+    feed(el, 10.0, 0.3, cycle=1.0)  # the first cycle: from here the dwell counts
+    assert el.step(10.0, held_back=True, congested=True) is Mode.RESIDENT
+    feed(el, 12.0, 0.3, cycle=1.0)
+    assert el.step(12.0, held_back=True, congested=True) is Mode.OPEN
+
+
+def test_the_quiet_before_a_swarm_does_not_count_as_an_idle_engine() -> None:
+    # A sidecar waits an hour with no agent; then a swarm saturates the engine. (A short
+    # dwell, so that an average still holding the quiet would open within it.)
+    p = AIMD(AIMDParams(initial_window=4, open_dwell=0.5, open_dwell_cycles=0.5))
+    for t in range(3600):
+        p.decide(tick(float(t), p.window, busy=0.0, live=0, working_set=0.0, completed=0))
+    for t in range(3600, 3630):
+        d = p.decide(tick(float(t), p.window, busy=1.0, live=4, queued=12))
+        assert p.load.mode is Mode.RESIDENT and d.window is not None

@@ -200,7 +200,9 @@ def test_headers_name_an_agent_only_when_no_body_source_comes_first() -> None:
 async def test_anonymous_steps_past_the_budget_are_new_agents(
     start_concur: Start, fake: FakeVLLM
 ) -> None:
-    c = await start_concur(**{**BUDGET, "admission.identity": "header:X-Concur-Agent-Id"})
+    # Anonymous requests gated (as one-step agents), not bypassed as by default.
+    settings = {**BUDGET, "admission.identity": "header:X-Concur-Agent-Id"}
+    c = await start_concur(**settings, **{"admission.anonymous": "gate"})
     gate = c.runtime.gate
     assert (await _step(c, "a")).status_code == 200
     waiting = [_later(c, f"q{i}", done=True) for i in range(3)]
