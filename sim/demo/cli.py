@@ -79,12 +79,12 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from concur.sim.demo.rigs import SimRig, VllmRig
+    from concur.sim.demo.rigs import VllmRig
     from concur.sim.demo.scenario import DEFAULT, QUICK, real_scenario
     from concur.sim.procs import ChildFailed
 
     scenario = QUICK if args.quick else DEFAULT
-    rig: SimRig | VllmRig | None = None
+    rig: VllmRig | None = None
     if args.vllm:
         if args.quick or args.speed is not None:
             print(
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             policy=args.policy,
             sample_interval=args.sample_interval,
-            rig=rig or SimRig(scenario),
+            rig=rig,
         )
     except ChildFailed as exc:
         print(f"concur demo: error: {exc}", file=sys.stderr)
