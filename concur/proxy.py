@@ -36,7 +36,7 @@ from concur._forward import Forwarder
 from concur._inspect import GATED_PATHS, BodyTooLarge, Inspector, Step
 from concur._relay import REQUEST_ID_HEADER, Relayer
 from concur.admission import AdmissionError, AdmissionGate
-from concur.config import UpstreamSettings
+from concur.config import AdmissionSettings, ServerSettings, UpstreamSettings
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentitySource
 from concur.metrics import ConcurMetrics
 from concur.upstream import Framing, Upstream
@@ -44,7 +44,10 @@ from concur.upstream import Framing, Upstream
 __all__ = ["GATED_PATHS", "REQUEST_ID_HEADER", "Proxy", "ProxyOptions", "RequestIds"]
 
 
-_UPSTREAM_DEFAULTS = UpstreamSettings()  # ProxyOptions' timeouts default to the config's
+# ProxyOptions' defaults are the config's: one place for each.
+_UPSTREAM_DEFAULTS = UpstreamSettings()
+_SERVER_DEFAULTS = ServerSettings()
+_ADMISSION_DEFAULTS = AdmissionSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +60,19 @@ class ProxyOptions:
     """Seconds until the upstream's response headers (a non-streaming generation's whole run)."""
     read_timeout: float | None = _UPSTREAM_DEFAULTS.read_timeout
     """Seconds of upstream silence allowed between two body chunks."""
-    send_timeout: float = 60.0
+    send_timeout: float = _SERVER_DEFAULTS.send_timeout
     """Seconds one write may wait for a client that stopped reading."""
-    max_body_bytes: int = 32 << 20
-    max_held_bytes: int = 1 << 30
+    max_body_bytes: int = _SERVER_DEFAULTS.max_body_bytes
+    max_held_bytes: int = _SERVER_DEFAULTS.max_held_bytes
     """Budget of the agent steps' bodies held (``server.max_held_bytes``; 0: none)."""
     identity: tuple[str | IdentitySource, ...] = DEFAULT_SOURCES
-    max_identity_bytes: int = 256
-    anonymous: Literal["gate", "bypass"] = "bypass"
-    done_header: str = "X-Concur-Agent-Done"
+    max_identity_bytes: int = _ADMISSION_DEFAULTS.max_identity_bytes
+    anonymous: Literal["gate", "bypass"] = _ADMISSION_DEFAULTS.anonymous
+    done_header: str = _ADMISSION_DEFAULTS.done_header
     gated_paths: frozenset[str] = field(default=GATED_PATHS)
     ssl_context: ssl.SSLContext | None = None
     """TLS for an https upstream (None: the system's CAs)."""
-    framing: Framing = "builtin"
+    framing: Framing = _UPSTREAM_DEFAULTS.framing
     """The upstream client's response parser (``upstream.framing``)."""
     keepalive: float = _UPSTREAM_DEFAULTS.keepalive
     """Seconds an upstream connection may stay idle (``upstream.keepalive``)."""
