@@ -55,6 +55,7 @@ from _proc import loadavg, machine, pin_away_from_the_model
 
 from concur.adapters.signal import EngineSignal
 from concur.adapters.vllm import parse as parse_vllm
+from concur.sim.demo.orchestrate import start_engine
 from concur.sim.generate import generate
 from concur.sim.procs import Child, Supervisor, free_port, wait_http
 from concur.sim.realvllm import VllmServer, VllmServerConfig, make_model
@@ -126,10 +127,9 @@ class SimEngine:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> SimEngine:
-        argv = [sys.executable, "-m", "concur", "engine", "--preset", "cpu-tiny"]
-        argv += ["--kv-tokens", str(self.config.kv_tokens), "--port", str(self.port)]
-        self.child = self.sup.start("concur-engine", [*argv, "--log-level", "warning"])
-        wait_http(self.child, self.url + "/health", timeout=60.0)
+        args = ["--preset", "cpu-tiny", "--kv-tokens", str(self.config.kv_tokens)]
+        args += ["--port", str(self.port), "--log-level", "warning"]
+        self.child, _ = start_engine(self.sup, "concur-engine", args)
         return self
 
     def stop(self) -> None:
