@@ -19,8 +19,9 @@ between two modes:
 ``open``
     no limit and nobody paused: cache misses are cheaper than an idle engine.
 
-It opens when agents are held back while the engine stays under ``busy_low`` for a
-dwell of ``dwell_cycles`` agent cycles. Open, it keeps the mode unless it clearly
+It opens when agents are held back (or the cache is congested, so they are about to
+be) after the engine has stayed under ``busy_low`` for a dwell of ``dwell_cycles``
+agent cycles: an engine that was idle before congestion opens at it, pausing nobody. Open, it keeps the mode unless it clearly
 does not pay: the first dwell lets the agents it released warm up, and if over the
 second less work is done per second than over the last dwell resident (by more than
 :data:`TIE`), it closes again and waits twice as long before the next try. After ``reprobe_s``
@@ -77,7 +78,7 @@ class EngineLoad:
     cycle: Ewma | None = None
     """An agent's cycle: its request's time plus its tool call's."""
     idle_since: float | None = None
-    """Since when, resident, agents have waited while the engine stayed under ``busy_low``."""
+    """Since when, resident, the engine has stayed under ``busy_low`` (agents about)."""
     resident_rate: float | None = None
     """Requests completed per second resident, over the dwell before it last opened."""
     completions: deque[tuple[float, int, int]] = field(default_factory=deque)
@@ -160,11 +161,17 @@ class EngineLoad:
             and self.busy.value is not None
             and self.busy.value < self.busy_low
         )
-        if not (held_back and idle):
+        if not idle:
             self.idle_since = None
         elif self.idle_since is None:
             self.idle_since = now
-        if self.idle_since is not None and now - self.idle_since >= dwell * self.backoff:
+        # Held back, or about to be (congested): an engine idle for a dwell already opens
+        # at once, before anyone is paused for nothing.
+        if (
+            (held_back or congested)
+            and self.idle_since is not None
+            and now - self.idle_since >= dwell * self.backoff
+        ):
             self.resident_rate = self.rate(now - dwell, now)
             self._switch(Mode.OPEN, now)
         return self.mode

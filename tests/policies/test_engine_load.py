@@ -75,7 +75,7 @@ def test_it_opens_after_the_engine_idled_for_the_dwell_while_agents_waited() -> 
     assert el.resident_rate == pytest.approx(2.0)  # over the last dwell: what to beat
 
 
-def test_a_busy_engine_or_nobody_waiting_keeps_it_resident() -> None:
+def test_a_busy_engine_or_an_uncongested_cache_with_nobody_waiting_keeps_it_resident() -> None:
     el = load()
     for t in range(10):
         feed(el, float(t), 0.95)
@@ -83,6 +83,24 @@ def test_a_busy_engine_or_nobody_waiting_keeps_it_resident() -> None:
     el = load()
     for t in range(10):
         feed(el, float(t), 0.3)
+        assert el.step(float(t), held_back=False, congested=False) is Mode.RESIDENT
+
+
+def test_an_engine_idle_before_congestion_opens_at_it_pausing_nobody() -> None:
+    el = load()
+    for t in range(10):  # idle for 10 s, the cache not yet congested, nobody waiting
+        feed(el, float(t), 0.3)
+        assert el.step(float(t), held_back=False, congested=False) is Mode.RESIDENT
+    feed(el, 10.0, 0.3)
+    # The first congested tick opens at once: the idle dwell (3 s) was seen before it.
+    assert el.step(10.0, held_back=False, congested=True) is Mode.OPEN
+    # An engine that only now turns idle still needs its dwell.
+    el = load()
+    for t in range(10):
+        feed(el, float(t), 0.95)
+        el.step(float(t), held_back=False, congested=False)
+    for t in range(10, 13):
+        feed(el, float(t), 0.1)
         assert el.step(float(t), held_back=False, congested=True) is Mode.RESIDENT
 
 
