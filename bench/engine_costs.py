@@ -22,7 +22,7 @@ Then fits the step-time model of :class:`concur.sim.steptime.MeasuredStepTime`
 
 by least squares (a prefill of P tokens after C cached ones is ceil(P / 2048)
 chunked steps of the server's token budget), prints each measurement beside the
-fit, and the coefficients to paste into ``sim/steptime.py``'s preset. Without
+fit, and the coefficients for a preset (``concur/sim/engine_config.py``). Without
 ``--url`` it starts its own server (32,768-token cache).
 """
 
@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from _proc import loadavg, machine, pin_away_from_the_model
 
 from concur.sim.realvllm import VllmServer, VllmServerConfig, make_model
 from concur.sim.server.tokenizer import filler_text
+from concur.sim.steptime import MeasuredStepTime
 
 BUDGET = 2048
 """The server's ``--max-num-batched-tokens`` (VllmServerConfig's default)."""
@@ -233,6 +235,37 @@ def fit(prefills: list[Prefill], decodes: list[Decode]) -> dict[str, float]:
     return out
 
 
+def measure(url: str, repeats: int) -> dict[str, Any]:
+    """Every series against the server at ``url``, and the fit: what ``--out`` holds."""
+    with httpx.Client(trust_env=False, timeout=600.0) as http:
+        chat(http, url, filler_text(3000, "warm-up"), 16)
+        prefills = prefill_series(http, url, repeats)
+        decodes = decode_series(http, url, repeats)
+    coef = fit(prefills, decodes)
+    a, y = design(prefills, decodes)
+    pred = a @ np.array([coef[k] for k in ENGINE_TERMS])
+    print("\nfit: " + ", ".join(f"{k}={v:.4g}" for k, v in coef.items()))
+    errors = np.abs(pred / y - 1.0)
+    print(f"relative error: median {100 * np.median(errors):.1f}%, max {100 * errors.max():.1f}%")
+    overhead = [p.client_seconds - p.seconds for p in prefills]
+    print(
+        "outside the engine (client latency - vLLM prefill), per request: "
+        + ", ".join(f"{p.prompt}:{1000 * o:.0f}ms" for p, o in zip(prefills, overhead, strict=True))
+    )
+    return {
+        "machine": machine(),
+        "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "fit": coef,
+        "prefill": [p.__dict__ for p in prefills],
+        "decode": [d.__dict__ for d in decodes],
+    }
+
+
+def step_time(costs: dict[str, Any]) -> MeasuredStepTime:
+    """The simulator's step time from what :func:`measure` wrote."""
+    return MeasuredStepTime(**costs["fit"], name=f"measured {costs.get('measured', '')}".strip())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="a running server (default: start one)")
@@ -248,38 +281,12 @@ def main() -> int:
         print(f"  {pin_away_from_the_model(server.child.pid)}", flush=True)
     print(f"engine_costs: {machine()}, load {loadavg()}, server {url}", flush=True)
     try:
-        with httpx.Client(trust_env=False, timeout=600.0) as http:
-            chat(http, url, filler_text(3000, "warm-up"), 16)
-            prefills = prefill_series(http, url, args.repeats)
-            decodes = decode_series(http, url, args.repeats)
+        costs = measure(url, args.repeats)
     finally:
         if server is not None:
             server.stop()
-    coef = fit(prefills, decodes)
-    a, y = design(prefills, decodes)
-    pred = a @ np.array(
-        [coef[k] for k in ("base_s", "per_token_s", "per_seq_s", "per_pair_s", "per_kv_s")]
-    )
-    print("\nfit: " + ", ".join(f"{k}={v:.4g}" for k, v in coef.items()))
-    errors = np.abs(pred / y - 1.0)
-    print(f"relative error: median {100 * np.median(errors):.1f}%, max {100 * errors.max():.1f}%")
-    overhead = [p.client_seconds - p.seconds for p in prefills]
-    print(
-        "outside the engine (client latency - vLLM prefill), per request: "
-        + ", ".join(f"{p.prompt}:{1000 * o:.0f}ms" for p, o in zip(prefills, overhead, strict=True))
-    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "fit": coef,
-                "prefill": [p.__dict__ for p in prefills],
-                "decode": [d.__dict__ for d in decodes],
-            },
-            indent=1,
-        )
-    )
+    args.out.write_text(json.dumps(costs, indent=1))
     return 0
 
 

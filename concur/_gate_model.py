@@ -37,6 +37,18 @@ class GateClosed(AdmissionError):
 
 
 class AgentState(StrEnum):
+    """Where an agent is in the gate.
+
+    ``queued``
+        A new agent waiting for a slot (FIFO within a priority class).
+    ``live``
+        Admitted and running: its requests pass straight through.
+    ``paused``
+        Admitted, but its *next* request is held at the step boundary because the
+        window shrank below the live count while pressure was high. An in-flight
+        request is never touched. Paused agents resume before queued ones are admitted.
+    """
+
     QUEUED = "queued"
     LIVE = "live"
     PAUSED = "paused"
@@ -76,6 +88,19 @@ class Agent:
     pending: list[Ticket] = field(default_factory=list)
     """Its requests waiting at the gate, oldest first (a list: rarely more than one, and
     a deque costs 600 bytes for every queued agent)."""
+
+    def back_from_tool(self, now: float) -> float | None:
+        """It sent a request at ``now``: it is seen and not gone, and if it was in a tool
+        call, that call is over; returns the call's length (None: it was in none)."""
+        self.last_seen = now
+        self.gone_at = None
+        if self.last_done is None:
+            return None
+        pause = now - self.last_done
+        if self.longest_pause is None or pause > self.longest_pause:
+            self.longest_pause = pause
+        self.last_done = None
+        return pause
 
 
 @dataclass(eq=False, slots=True)

@@ -8,14 +8,13 @@ the tests look at. The gate itself, in :mod:`concur.admission`, changes it.
 from __future__ import annotations
 
 import operator
-from collections import deque
 from collections.abc import Callable, Iterator
 
 from concur._agent_queue import AgentQueue
 from concur._agent_table import AgentTable
-from concur._gate_model import Agent, AgentState, GateView, Pace, Ticket
+from concur._gate_model import Agent, AgentState, GateView, Pace
 from concur._idle import IdleRule
-from concur._pace import PaceMeter
+from concur._tickets import TicketDesk
 from concur._waits import WaitReason, why_queued, why_waiting
 
 _context_tokens = operator.attrgetter("context_tokens")
@@ -33,8 +32,7 @@ class GateViews:
     _clock: Callable[[], float]
     _admitted: AgentTable
     _queue: AgentQueue
-    _held: deque[Ticket]
-    _pace: PaceMeter
+    _desk: TicketDesk
 
     @property
     def idle_timeout(self) -> float | None:
@@ -59,7 +57,7 @@ class GateViews:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return len(self._desk)
 
     def agents(self) -> Iterator[Agent]:
         """Admitted agents in admission order, then queued ones in queue order."""
@@ -71,7 +69,7 @@ class GateViews:
 
     def holds(self, agent: Agent) -> bool:
         """Whether a request of ``agent`` is held by request-level gating."""
-        return any(t.agent is agent for t in self._held)
+        return self._desk.holds(agent)
 
     def waiting_for(self, agent: Agent) -> WaitReason | None:
         """Why ``agent`` (or a request of it) waits now; None when nothing of it waits."""
@@ -101,7 +99,7 @@ class GateViews:
             live=self._admitted.live,
             paused=self._admitted.paused,
             queued=len(self._queue),
-            held=len(self._held),
+            held=len(self._desk),
             live_tokens=sum(live_ctx),
             live_contexts_newest_first=tuple(live_ctx),
             live_steps_newest_first=tuple(map(_requests, live)),
@@ -111,4 +109,4 @@ class GateViews:
 
     def pace(self) -> Pace:
         """The request timing so far (the busy period in progress included)."""
-        return self._pace.snapshot(self._clock())
+        return self._desk.pace.snapshot(self._clock())

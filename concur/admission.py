@@ -7,30 +7,19 @@ The proxy waits for it with a :class:`concur.Permit` (``concur._admit``), the
 simulator schedules on the callback. What the policy side learns from the agents'
 progress (their context growth, see ``concur._features``) it learns through a
 :class:`GateObserver`; the gate itself keeps the agent table, the window, the queue
-(``concur._agent_queue``) and the requests' timing (:class:`Pace`,
-``concur._pace``). Its records are in ``concur._gate_model``; when an idle agent
-counts as gone is :class:`~concur._idle.IdleRule`'s call, why a waiting one waits
-``concur._waits``'.
+(``concur._agent_queue``); tickets are granted, refused and held, and granted
+requests timed (:class:`Pace`), by ``concur._tickets``. Its records are in
+``concur._gate_model``; when an idle agent counts as gone is
+:class:`~concur._idle.IdleRule`'s call, why a waiting one waits ``concur._waits``'.
 
-Agents move through three states:
-
-``queued``
-    A new agent waiting for a slot (FIFO within a priority class).
-``live``
-    Admitted and running: its requests pass straight through.
-``paused``
-    Admitted, but its *next* request is held at the step boundary because the
-    window shrank below the live count while pressure was high. An in-flight
-    request is never touched. Paused agents resume before queued ones are admitted.
-
-The window bounds live agents. Accounting is exact on every path: once all
+Agents move through three states (:class:`AgentState`): queued, live, paused. The
+window bounds live agents. Accounting is exact on every path: once all
 agents end, ``active == 0`` and ``queued == 0``.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from collections.abc import Callable
 
 from concur._agent_queue import AgentQueue
@@ -52,7 +41,7 @@ from concur._gate_model import (
 )
 from concur._gate_views import GateViews
 from concur._idle import IdleRule
-from concur._pace import PaceMeter
+from concur._tickets import TicketDesk
 from concur._waits import WaitReason, held, queue_full, queue_timeout, why_queued
 
 __all__ = [
@@ -119,9 +108,8 @@ class AdmissionGate(GateViews):
         self._seq = itertools.count()
         self._admitted = AgentTable()
         self._queue = AgentQueue()
-        self._held: deque[Ticket] = deque()
+        self._desk = TicketDesk()
         self._closed = False
-        self._pace = PaceMeter()
 
     # ------------------------------------------------------------- requests
 
@@ -152,14 +140,9 @@ class AdmissionGate(GateViews):
         )
         agent = self._admitted.get(agent_id)
         if agent is not None:
-            agent.last_seen = now
-            agent.gone_at = None
-            if agent.last_done is not None:  # back from its tool call
-                pause = now - agent.last_done
-                self._pace.tool_returned(pause)
-                if agent.longest_pause is None or pause > agent.longest_pause:
-                    agent.longest_pause = pause
-                agent.last_done = None
+            pause = agent.back_from_tool(now)
+            if pause is not None:
+                self._desk.pace.tool_returned(pause)
             agent.context_tokens = max(agent.context_tokens, context_tokens)
             if agent.state is AgentState.PAUSED:
                 agent.pending.append(ticket)
@@ -202,9 +185,9 @@ class AdmissionGate(GateViews):
             return
         ticket.status = TicketStatus.DONE
         now = self._clock()
-        self._ungrant(ticket, now)
+        self._desk.ungrant(ticket, now)
         if ticket.usage_tokens is not None:
-            self._pace.served(ticket.usage_tokens)
+            self._desk.pace.served(ticket.usage_tokens)
         agent = self._admitted.owner(ticket)
         if agent is None:
             return
@@ -242,7 +225,7 @@ class AdmissionGate(GateViews):
         now = self._clock()
         if ticket.status is TicketStatus.GRANTED:
             ticket.status = TicketStatus.CANCELLED
-            self._ungrant(ticket, now)
+            self._desk.ungrant(ticket, now)
             agent = self._admitted.owner(ticket)
             if agent is not None:
                 agent.in_flight -= 1
@@ -252,7 +235,7 @@ class AdmissionGate(GateViews):
             return
         ticket.status = TicketStatus.CANCELLED
         if ticket.held:
-            self._held.remove(ticket)
+            self._desk.unhold(ticket)
             agent = self._admitted.owner(ticket)
             if agent is not None:
                 agent.in_flight -= 1
@@ -322,16 +305,14 @@ class AdmissionGate(GateViews):
                 self._emit("paused", agent.agent_id, now)
         self._fill(release_limit, now)
         if not hold_requests:
-            while self._held:
-                ticket = self._held.popleft()
-                ticket.held = False
+            while (ticket := self._desk.next_held()) is not None:
                 owner = self._admitted.owner(ticket)
                 if owner is not None and owner.state is AgentState.PAUSED:
                     # Paused meanwhile: it waits like its agent's other next steps.
                     owner.in_flight -= 1
                     owner.pending.append(ticket)
                     continue
-                self._grant(ticket, now)
+                self._desk.grant(ticket, now)
                 self._emit("released", ticket.agent_id, now, ticket.waited)
 
     def reap(self) -> list[str]:
@@ -368,10 +349,10 @@ class AdmissionGate(GateViews):
         """Shut down: refuse new requests and reject everything still waiting."""
         self._closed = True
         waiting = [t for a in self.agents() for t in a.pending]
-        waiting.extend(self._held)
+        waiting.extend(self._desk)
         for ticket in waiting:
             self.abandon(ticket, client_gone=False)
-            self._reject(ticket, GateClosed("concur is shutting down; retry"))
+            self._desk.reject(ticket, GateClosed("concur is shutting down; retry"))
 
     # -------------------------------------------------------------- internal
 
@@ -409,30 +390,11 @@ class AdmissionGate(GateViews):
         agent.in_flight += 1
         ticket.agent = agent
         if self.hold_requests:
-            ticket.held = True
-            self._held.append(ticket)
+            self._desk.hold(ticket)
             self._emit("held", agent.agent_id, now)
         else:
-            self._grant(ticket, now)
+            self._desk.grant(ticket, now)
         return ticket
-
-    def _grant(self, ticket: Ticket, now: float) -> None:
-        ticket.status = TicketStatus.GRANTED
-        ticket.granted_at = now
-        self._pace.granted(now)
-        if ticket.on_resolve is not None:
-            ticket.on_resolve(ticket)
-
-    def _ungrant(self, ticket: Ticket, now: float) -> None:
-        """A granted request ended (``ticket.granted_at`` is set): account its time."""
-        assert ticket.granted_at is not None
-        self._pace.ended(ticket.granted_at, now)
-
-    def _reject(self, ticket: Ticket, error: AdmissionError) -> None:
-        ticket.status = TicketStatus.REJECTED
-        ticket.error = error
-        if ticket.on_resolve is not None:
-            ticket.on_resolve(ticket)
 
     def _end(self, agent: Agent, now: float, reason: str) -> None:
         if agent.state is AgentState.QUEUED:
@@ -444,11 +406,8 @@ class AdmissionGate(GateViews):
                 self.observer.agent_ended(agent, reason)
         pending = list(agent.pending)
         agent.pending.clear()
-        held_now = [t for t in self._held if t.agent_id == agent.agent_id]
-        for ticket in held_now:
-            self._held.remove(ticket)
-        for ticket in [*pending, *held_now]:
-            self._reject(ticket, AgentEnded(f"agent {agent.agent_id!r} was ended ({reason})"))
+        for ticket in [*pending, *self._desk.take_held(agent.agent_id)]:
+            self._desk.reject(ticket, AgentEnded(f"agent {agent.agent_id!r} was ended ({reason})"))
         self._emit("ended", agent.agent_id, now, detail=reason)
         if agent.state is not AgentState.QUEUED:
             self._fill(1, now)

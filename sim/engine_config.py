@@ -43,15 +43,17 @@ PRESETS: Mapping[str, EnginePreset] = MappingProxyType(
             name="cpu-tiny",
             description=(
                 "vLLM 0.32 CPU build serving the tiny model of concur.sim.realvllm on one "
-                "core of a 2-core x86_64 VM (bench/engine_costs.py)"
+                "core of a 2-core x86_64 VM (bench/engine_costs.py, 2026-12-07)"
             ),
+            # Refitted 2026-12-07 06:40 UTC: the fit of 2026-12-06 ran every swarm 20-35%
+            # slower than the engine did that day (the VM's speed drifts; docs/real-engine.md).
             step_time=MeasuredStepTime(
-                base_s=0.0009921,
-                per_token_s=8.724e-06,
-                per_seq_s=6.801e-05,
-                per_pair_s=6.547e-09,
-                per_kv_s=7.732e-08,
-                frontend_per_seq_s=0.0004874,
+                base_s=0.0008539,
+                per_token_s=6.900e-06,
+                per_seq_s=0.0,
+                per_pair_s=5.370e-09,
+                per_kv_s=8.683e-09,
+                frontend_per_seq_s=0.0008593,
                 name="cpu-tiny",
             ),
             kv_capacity_tokens=32_768,
@@ -93,6 +95,9 @@ class EngineSpec:
     request_overhead_s: float = 0.0
     """Serving time per request outside the engine's steps (see :class:`EnginePreset`)."""
     overhead_per_prompt_token_s: float = 0.0
+    step_time: MeasuredStepTime | None = None
+    """With a preset: a step time measured again (``bench/engine_costs.py``) instead of
+    the preset's, for an engine whose speed drifted since the preset was fitted."""
 
     @classmethod
     def from_preset(
@@ -102,6 +107,7 @@ class EngineSpec:
         kv_capacity_tokens: int | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        step_time: MeasuredStepTime | None = None,
     ) -> EngineSpec:
         """The preset's engine; the keyword arguments override its values."""
         p = get_preset(name)
@@ -116,6 +122,7 @@ class EngineSpec:
             preset=p.name,
             request_overhead_s=p.request_overhead_s,
             overhead_per_prompt_token_s=p.overhead_per_prompt_token_s,
+            step_time=step_time,
         )
 
     def build(self) -> EngineConfig:
@@ -126,7 +133,7 @@ class EngineSpec:
                 block_size=self.block_size,
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=self.max_num_batched_tokens,
-                step_time=p.step_time,
+                step_time=self.step_time or p.step_time,
             )
         return engine_config(
             self.model,
@@ -146,5 +153,6 @@ class EngineSpec:
         cap = self.build().kv_capacity_tokens
         if self.preset is not None:
             what = get_preset(self.preset).description
-            return f"preset {self.preset} ({what}), KV capacity {cap:,} tokens"
+            again = f", step time refitted ({self.step_time.name})" if self.step_time else ""
+            return f"preset {self.preset} ({what}){again}, KV capacity {cap:,} tokens"
         return f"{self.model} on {self.tp} x {self.gpu}, KV capacity {cap:,} tokens"

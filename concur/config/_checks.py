@@ -8,12 +8,6 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-DEFAULT_IDENTITY = (
-    "header:X-Concur-Agent-Id",
-    "header:X-Session-Id",
-    "header:session_id",
-    "body:session_id",
-)
 IDENTITY_BODY_FIELDS = ("session_id", "user")
 
 # RFC 9110 token characters: what a header name may contain.

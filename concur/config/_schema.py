@@ -26,6 +26,7 @@ from concur._idle import IdleRule
 from concur.config import _checks
 from concur.config._errors import bare
 from concur.config._sources import ENV_DELIMITER, ENV_PREFIX, settings_sources
+from concur.identity import DEFAULT_SOURCES
 from concur.policies.registry import PolicyError, PolicySettings, aimd_params, split_spec
 
 
@@ -172,7 +173,7 @@ class ControlSettings(_Section):
 class AdmissionSettings(_Section):
     """Which requests belong to which agent, and how waiting agents are treated."""
 
-    identity: list[str] = Field(default_factory=lambda: list(_checks.DEFAULT_IDENTITY))
+    identity: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES))
     """Where to find an agent's id, first match wins: header:<Name>, body:session_id,
     body:user. Not body:user by default: OpenAI's user field names an end user (for
     abuse monitoring), not a session, so ordinary one-off requests would hold slots and

@@ -10,7 +10,6 @@ what they grew by).
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Protocol
 
 from concur.sim.demo.orchestrate import start_engine
@@ -71,11 +70,9 @@ class VllmRig:
     simulated = False
 
     def __init__(self, kv_tokens: int) -> None:
-        from concur.sim.realvllm.server import BLOCK_SIZE, VllmServerConfig, make_model
+        from concur.sim.realvllm.server import VllmServerConfig, kv_blocks_for, make_model
 
-        self.config = VllmServerConfig(
-            model=make_model(), kv_blocks=math.ceil(kv_tokens / BLOCK_SIZE)
-        )
+        self.config = VllmServerConfig(model=make_model(), kv_blocks=kv_blocks_for(kv_tokens))
         self.model: str | None = self.config.served_model_name
         self._server: VllmServer | None = None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import time
@@ -15,6 +14,7 @@ from concur.sim.realvllm.server import (
     VllmServerConfig,
     VllmStartError,
     find_vllm_python,
+    kv_blocks_for,
     make_model,
 )
 
@@ -36,16 +36,19 @@ def config_from_args(args: argparse.Namespace, python: str) -> VllmServerConfig:
     kv_tokens = args.kv_tokens or DEFAULT_KV_TOKENS
     if kv_tokens < 2 * BLOCK_SIZE:
         raise ValueError(f"--kv-tokens must be >= {2 * BLOCK_SIZE} with --vllm, got {kv_tokens}")
+    given = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "served_model_name": args.model_name,
+    }
     return VllmServerConfig(
         model=make_model(python),
-        kv_blocks=math.ceil(kv_tokens / BLOCK_SIZE),
+        kv_blocks=kv_blocks_for(kv_tokens),
         max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs or 128,
-        max_num_batched_tokens=args.max_num_batched_tokens or 2048,
-        served_model_name=args.model_name or "concur-tiny",
         host=args.host,
         port=args.port,
         python=python,
+        **{k: v for k, v in given.items() if v},  # the server's defaults otherwise
     )
 
 

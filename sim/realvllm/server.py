@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,11 @@ _FOLLOW_PARENT = (
     "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
 """Run by the child's Python before it becomes vLLM: SIGTERM when the parent dies."""
+
+
+def kv_blocks_for(kv_tokens: int) -> int:
+    """The cache blocks that hold ``kv_tokens`` (rounded up to whole blocks)."""
+    return math.ceil(kv_tokens / BLOCK_SIZE)
 
 
 @dataclass(frozen=True, slots=True)

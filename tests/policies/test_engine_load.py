@@ -203,7 +203,8 @@ def test_an_idle_engine_opens_the_window_and_pauses_nobody() -> None:
 
 
 def test_an_open_window_that_did_not_pay_closes_in_from_the_live_agents() -> None:
-    p = AIMD(AIMDParams(initial_window=4, decrease_cooldown=0.0))
+    # Dwells of two cycles (3 s here): the first loop opens it, the second judges it.
+    p = AIMD(AIMDParams(initial_window=4, decrease_cooldown=0.0, open_dwell_cycles=2, open_dwell=2))
     for t in range(5):
         p.decide(tick(float(t), p.window, busy=0.4, live=4, queued=8, working_set=0.8))
     assert p.load.mode is Mode.OPEN

@@ -10,7 +10,7 @@ import pytest
 from fakes.fake_vllm import FakeVLLM
 from fakes.harness import AGENT, DONE, Start, assert_openai_error, chat, wait_for
 
-from concur.config._checks import DEFAULT_IDENTITY
+from concur.identity import DEFAULT_SOURCES as DEFAULT_IDENTITY
 
 IDENTITY = list(DEFAULT_IDENTITY)
 

@@ -53,3 +53,21 @@ def test_the_serving_overhead_delays_every_request_of_an_agent() -> None:
     )
     expected = steps * spec.request_overhead_s + prompts * spec.overhead_per_prompt_token_s
     assert makespan(True) - makespan(False) == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_refitted_step_time_replaces_the_presets_and_says_so() -> None:
+    faster = MeasuredStepTime(
+        base_s=0.0005,
+        per_token_s=4e-6,
+        per_seq_s=3e-5,
+        per_pair_s=3e-9,
+        per_kv_s=4e-8,
+        frontend_per_seq_s=0.0008,
+        name="measured today",
+    )
+    spec = EngineSpec.from_preset("cpu-tiny", step_time=faster)
+    assert spec.build().step_time is faster
+    assert "refitted (measured today)" in spec.describe()
+    stored = EngineSpec.from_preset("cpu-tiny")
+    assert stored.build().step_time is PRESETS["cpu-tiny"].step_time
+    assert "refitted" not in stored.describe()
