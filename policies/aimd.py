@@ -75,11 +75,11 @@ class AIMDParams(BaseModel):
     engine's load (the ``cache`` preset)."""
     busy_low: float = Field(0.8, gt=0.0, le=1.0)
     """Open up when the engine had the agents' work less than this share of the time."""
-    open_dwell_cycles: float = Field(0.5, ge=0.0)
+    open_dwell_cycles: float = Field(2.0, ge=0.0)
     """Agent cycles (a request and its tool call) the engine must stay under ``busy_low``
     before opening (once agents wait, or the cache congests); open, how long before
     judging whether it pays."""
-    open_dwell: float = Field(1.0, ge=0.0)
+    open_dwell: float = Field(2.0, ge=0.0)
     """... and at least this many seconds."""
     reprobe: float = Field(120.0, gt=0.0)
     """Seconds after opening to try keeping the working set resident again."""

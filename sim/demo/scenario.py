@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from concur.policies.aimd import AIMDParams
 from concur.sim.engine_config import EngineSpec
 from concur.sim.generate import generate
 from concur.sim.trace import Trace
@@ -184,14 +185,15 @@ def live_settings(speed: float, control_interval: float = 1.0) -> dict[str, Any]
     """
     interval = control_interval / speed
     poll = interval / 2
+    aimd = AIMDParams()  # its defaults, in simulated seconds
     return {
         "control.interval": interval,
         "engine.poll_interval": poll,
         "engine.poll_timeout": max(1.0, 4 * poll),
         "engine.stale_after": max(2.0, 8 * poll),
-        "policy.aimd.decrease_cooldown": 5.0 / speed,
-        "policy.aimd.open_dwell": 2.0 / speed,
-        "policy.aimd.reprobe": 120.0 / speed,
+        "policy.aimd.decrease_cooldown": aimd.decrease_cooldown / speed,
+        "policy.aimd.open_dwell": aimd.open_dwell / speed,
+        "policy.aimd.reprobe": aimd.reprobe / speed,
         "server.drain_timeout": 5.0,
         # A batch swarm waits in the queue by design, in FIFO order: as long as the
         # swarm client waits for a response (its --timeout), not the 60 s default.
