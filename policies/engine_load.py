@@ -21,11 +21,12 @@ between two modes:
 
 It opens when agents are held back (or the cache is congested, so they are about to
 be) after the engine has stayed under ``busy_low`` for a dwell of ``dwell_cycles``
-agent cycles: an engine that was idle before congestion opens at it, pausing nobody. Open, it keeps the mode unless it clearly
-does not pay: the first dwell lets the agents it released warm up, and if over the
-second less work is done per second than over the last dwell resident (by more than
-:data:`TIE`), it closes again and waits twice as long before the next try. After ``reprobe_s``
-open, if the cache is congested, it closes to check that the swarm has not changed.
+agent cycles: an engine that was idle before congestion opens at it, pausing nobody.
+Open, it keeps the mode unless it clearly does not pay: the first dwell lets the agents
+it released warm up, and if over the second less work is done per second than over the
+last dwell resident (by more than :data:`TIE`), it closes again and waits twice as long
+before the next try. After ``reprobe_s`` open, if the cache is congested, it closes to
+check that the swarm has not changed.
 Pure: time comes in with each update.
 """
 
