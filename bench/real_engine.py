@@ -645,6 +645,11 @@ def main() -> int:
         help="hold the simulator to the runs with this step time too (engine_costs.py --out)",
     )
     args = ap.parse_args()
+    if args.calibrate and (args.engine != "vllm" or args.report is not None):
+        ap.error(
+            "--calibrate measures the real engine before runs on it: not with --engine "
+            "sim or --report (give --costs FILE instead)"
+        )
     regimes = args.regime or list(REGIMES)
     policies = args.policy or list(DEFAULT_POLICIES)
     args.out.mkdir(parents=True, exist_ok=True)
