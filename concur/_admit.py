@@ -138,23 +138,13 @@ def refusal(
     if isinstance(exc, OverBudget):
         metrics.on_admission("overloaded")
         logs.event(log, "request_rejected", status=503, **fields)
-        retry = max(1, math.ceil(exc.retry_after or 1.0))
         return openai_error(
-            503,
-            str(exc),
-            type_="server_error",
-            code=exc.reason,
-            headers={"Retry-After": str(retry)},
+            503, str(exc), type_="server_error", code=exc.reason, headers=_retry_after(exc)
         )
     if isinstance(exc, QueueFull | QueueTimeout):
-        retry = max(1, math.ceil(exc.retry_after or 1.0))
         logs.event(log, "request_rejected", status=429, **fields)
         return openai_error(
-            429,
-            str(exc),
-            type_="rate_limit_error",
-            code=exc.reason,
-            headers={"Retry-After": str(retry)},
+            429, str(exc), type_="rate_limit_error", code=exc.reason, headers=_retry_after(exc)
         )
     if isinstance(exc, GateClosed):
         metrics.on_admission("closed")
@@ -167,3 +157,8 @@ def refusal(
         return openai_error(409, str(exc), type_="invalid_request_error", code=exc.reason)
     logs.event(log, "request_rejected", status=503, **fields)
     return openai_error(503, str(exc), type_="server_error", code=exc.reason)
+
+
+def _retry_after(exc: OverBudget | QueueFull | QueueTimeout) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least 1, from the refusal's own advice."""
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1.0)))}

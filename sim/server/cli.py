@@ -129,26 +129,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     Raises ValueError (naming the flag's value) for an impossible configuration.
     """
-    from concur.sim.engine_config import EngineSpec
+    from concur.sim.cli import engine_spec
     from concur.sim.server.app import EngineServerConfig
     from concur.sim.server.faults import Faults
 
-    if args.preset is not None:
-        spec = EngineSpec.from_preset(
-            args.preset,
-            kv_capacity_tokens=args.kv_tokens,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-        )
-    else:
-        spec = EngineSpec(
-            model=args.model,
-            gpu=args.gpu,
-            tp=args.tp,
-            kv_capacity_tokens=args.kv_tokens,
-            max_num_seqs=args.max_num_seqs or 256,
-            max_num_batched_tokens=args.max_num_batched_tokens or 8192,
-        )
+    spec = engine_spec(args)  # the flags mean what they mean to `concur sim`
     spec.build()  # fail now on an unknown model or GPU, or a bad capacity
     return EngineServerConfig(
         spec=spec,
