@@ -2,7 +2,7 @@
 
     .venv-vllm/bin/python bench/real_engine.py [--regime tool-bound ...] [--policy SPEC ...]
         [--repeats 3] [--thunderagent PATH] [--restart] [--calibrate | --costs FILE]
-        [--out out/real-engine]
+        [--pace FACTOR] [--out out/real-engine]
 
 One real vLLM 0.32 server (``concur.sim.realvllm``: the tiny model made on this
 machine, a KV cache of ``--kv-blocks`` x 128 tokens, 32,768 by default) serves
@@ -12,7 +12,8 @@ speed 1 through one front:
 
 * ``none``: straight to vLLM (no control);
 * a concur policy spec (``aimd``, ``static:4``, ...): ``concur serve --policy SPEC``
-  with its defaults otherwise, started for the run;
+  with its defaults otherwise, started for the run; ``SPEC+KEY=VALUE`` sets one of the
+  policy's parameters too (``aimd+busy_low=0.6``: ``--set policy.aimd.busy_low=0.6``);
 * ``thunderagent``: ThunderAgent (``--thunderagent PATH``, a checkout of its public
   repository, installed into its own venv on first use) with ``--router tr --metrics
   --backend-type vllm``; the swarm adds ``program_id`` to each body and releases the
@@ -24,6 +25,14 @@ else of a finished run stays in the engine (no request is left running, counters
 are read as differences). ``--restart`` restarts the server instead (35-60 s more
 per run). Runs go round-robin over the policies, repeat after repeat, so that each
 policy sees the machine in the same states.
+
+The regimes are named for the engine they were set on (``cpu-tiny``'s fit): tool-bound
+means tool pauses long against the engine's time per step. The CPU engine's speed
+drifts with the VM's host (its prefill 2.3x slower on some days), and a slower
+engine turns the same trace engine-bound. Every run first times a cold prefill of
+8,192 tokens against ``cpu-tiny``'s fit and prints the ratio; ``--pace FACTOR``
+multiplies every tool pause and arrival time by FACTOR (``auto``: that ratio) so a
+regime keeps its meaning on the day.
 
 Per run: makespan, output tokens/s, vLLM's prefix hit rate and preemptions (its
 ``/metrics`` counters before and after), mean and p99 agent completion time, and
@@ -63,15 +72,20 @@ from _proc import loadavg, machine, pin_away_from_the_model
 
 from concur.adapters.signal import EngineSignal
 from concur.adapters.vllm import parse as parse_vllm
+from concur.policies.registry import PolicySettings
 from concur.sim.demo.orchestrate import start_engine
-from concur.sim.generate import generate
+from concur.sim.engine_config import PRESETS as ENGINE_PRESETS
+from concur.sim.generate import generate, get_shape
 from concur.sim.procs import Child, Supervisor, free_port, wait_http
 from concur.sim.realvllm import VllmServer, VllmServerConfig, make_model
+from concur.sim.server.tokenizer import filler_text
 from concur.sim.steptime import MeasuredStepTime
 from concur.sim.swarm.client import SwarmOptions, run_swarm
 from concur.sim.trace import Trace
 
 REGIMES = ("tool-bound", "engine-bound", "staggered")
+PROBE_TOKENS = 8192
+"""The cold prefill timed against ``cpu-tiny``'s fit before the runs."""
 DEFAULT_POLICIES = ("none", "static:2", "static:4", "static:6", "static:8", "aimd")
 SAMPLE_S = 0.5
 ENGINES = {"vllm": "vLLM 0.32.0 CPU build", "sim": "concur engine --preset cpu-tiny"}
@@ -100,6 +114,8 @@ class Run:
     samples: list[dict[str, Any]] = field(default_factory=list)
     """``{t, window, live, paused, queued}`` every 0.5 s (concur and ThunderAgent)."""
     wall_s: float = 0.0
+    pace: float = 1.0
+    """The factor the trace's tool pauses and arrival times were multiplied by."""
 
 
 # ---------------------------------------------------------------- engine metrics
@@ -207,6 +223,7 @@ class Fronts:
             child = self.sup.start(name, argv)
             wait_http(child, url + "/health", timeout=60.0)
             return child, url
+        spec, *settings = policy.split("+")
         argv = [
             sys.executable,
             "-m",
@@ -217,10 +234,12 @@ class Fronts:
             "--listen",
             f"127.0.0.1:{port}",
             "--policy",
-            policy,
+            spec,
             "--log-format",
             "json",
         ]
+        for setting in settings:  # aimd+busy_low=0.6: --set policy.aimd.busy_low=0.6
+            argv += ["--set", f"policy.{spec.split(':')[0]}.{setting}"]
         child = self.sup.start(name, argv)
         wait_http(child, url + "/readyz", timeout=60.0)
         return child, url
@@ -269,6 +288,49 @@ def read_concur_log(path: Path, t0_wall: float) -> tuple[list[tuple[float, int |
 
 
 # ------------------------------------------------------------------------ runs
+
+
+def regime_trace(regime: str, seed: int, pace: float) -> Trace:
+    """The regime's trace with its tool pauses and arrival times multiplied by ``pace``
+    (the draws are the same: a log-normal pause scales with its median)."""
+    shape = get_shape(regime)
+    return generate(
+        regime,
+        seed,
+        tool_latency_median_s=shape.tool_latency_median_s * pace,
+        arrival_window_s=shape.arrival_window_s * pace,
+    )
+
+
+def probe_speed(url: str, model: str, tokens: int = PROBE_TOKENS) -> float:
+    """How much slower than ``cpu-tiny``'s fit this engine prefills: a cold prompt of
+    ``tokens`` timed at the client against the fit's prediction (its
+    chunked-prefill steps and the request overheads)."""
+    preset = ENGINE_PRESETS["cpu-tiny"]
+    with httpx.Client(trust_env=False, timeout=600.0) as http:
+        http.post(url + "/reset_prefix_cache").raise_for_status()
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": filler_text(tokens, "pace-probe")}],
+            "max_tokens": 1,
+        }
+        t = time.perf_counter()
+        resp = http.post(url + "/v1/chat/completions", json=body)
+        resp.raise_for_status()
+        real = time.perf_counter() - t
+        http.post(url + "/reset_prefix_cache").raise_for_status()
+    prompt = int(resp.json()["usage"]["prompt_tokens"])
+    predicted = preset.request_overhead_s + preset.overhead_per_prompt_token_s * prompt
+    for new, before in engine_costs.chunks(prompt, 0):
+        pairs = new * before + new * (new + 1) // 2
+        predicted += preset.step_time.duration(new, before + new, pairs, before + new, 1)
+    factor = real / predicted
+    print(
+        f"  a cold prefill of {prompt:,} tokens: {1000 * real:.0f} ms, cpu-tiny's fit "
+        f"{1000 * predicted:.0f} ms: this engine is {factor:.2f}x as slow",
+        flush=True,
+    )
+    return factor
 
 
 def one_run(
@@ -422,6 +484,7 @@ def simulate(
     regimes: list[str],
     policies: list[str],
     seed: int,
+    pace: float,
     jobs: int | None,
     step_time: MeasuredStepTime | None = None,
 ) -> dict:
@@ -433,14 +496,39 @@ def simulate(
     engine = EngineSpec.from_preset("cpu-tiny", step_time=step_time)
     todo = []
     for regime in regimes:
-        trace = generate(regime, seed)
+        trace = regime_trace(regime, seed, pace)
         for policy in policies:
             if policy == "thunderagent":
                 continue
-            spec = "unlimited" if policy == "none" else policy
-            todo.append(Job(label=f"{regime}|{policy}", spec=spec, trace=trace, engine=engine))
+            spec, settings = sim_policy(policy)
+            todo.append(
+                Job(
+                    label=f"{regime}|{policy}",
+                    spec=spec,
+                    trace=trace,
+                    engine=engine,
+                    settings=settings,
+                )
+            )
     results = run_jobs(todo, workers=jobs)
     return {tuple(j.label.split("|")): r.summary for j, r in zip(todo, results, strict=True)}
+
+
+def sim_policy(policy: str) -> tuple[str, PolicySettings]:
+    """A front's policy as ``concur sim`` takes it: ``none`` is ``unlimited``, and
+    ``SPEC+KEY=VALUE`` sets the policy's parameters (as ``--set`` does for the proxy)."""
+    if policy == "none":
+        return "unlimited", PolicySettings()
+    spec, *sets = policy.split("+")
+    values: dict[str, Any] = {}
+    for item in sets:
+        key, _, text = item.partition("=")
+        try:
+            values[key] = json.loads(text)
+        except ValueError:
+            values[key] = text
+    name = spec.split(":")[0]
+    return spec, PolicySettings.model_validate({name: values} if values else {})
 
 
 def fidelity(
@@ -567,10 +655,27 @@ def measure(
                 costs = engine_costs.measure(server.url, repeats=3)
                 args.costs = args.out / "engine-costs.json"
                 args.costs.write_text(json.dumps(costs, indent=1))
+        # The twin runs at the fit's speed by construction.
+        speed = (
+            probe_speed(server.url, server.config.served_model_name)
+            if isinstance(server, VllmServer)
+            else 1.0
+        )
+        if args.pace == "auto":
+            args.pace = round(max(1.0, speed), 2)
+        args.pace = float(args.pace)
+        if args.pace != 1.0:
+            print(f"  tool pauses and arrivals x{args.pace:g} (--pace)", flush=True)
+        elif speed > 1.2:
+            print(
+                f"  the regimes were set on an engine {speed:.2f}x as fast: --pace auto keeps "
+                "tool-bound tool-bound",
+                flush=True,
+            )
         fronts = Fronts(sup, server.url, ta_python)
         try:
             for regime in regimes:
-                trace = generate(regime, args.seed)
+                trace = regime_trace(regime, args.seed, args.pace)
                 for k in range(args.repeats):
                     order = policies[k % len(policies) :] + policies[: k % len(policies)]
                     for policy in order:
@@ -582,6 +687,7 @@ def measure(
                             pin_away_from_the_model(server.child.pid)
                             fronts.upstream = server.url
                         run = one_run(server, fronts, trace, regime, policy, k)
+                        run.pace = args.pace
                         runs.append(run)
                         print(
                             f"  {regime:<13} {policy:<14} #{k}  makespan {run.makespan_s:7.1f} s"
@@ -607,6 +713,18 @@ def measure(
     return runs
 
 
+def _pace(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", action="append", choices=REGIMES, help="default: all three")
@@ -621,6 +739,14 @@ def main() -> int:
         choices=("vllm", "sim"),
         default="vllm",
         help="the real vLLM, or its simulated twin (concur engine --preset cpu-tiny)",
+    )
+    ap.add_argument(
+        "--pace",
+        default="1",
+        type=_pace,
+        metavar="FACTOR|auto",
+        help="multiply tool pauses and arrival times by FACTOR; auto: by how much slower "
+        "than cpu-tiny's fit this engine prefills (the probe printed first), at least 1",
     )
     ap.add_argument("--out", type=Path, default=Path("out/real-engine"))
     ap.add_argument(
@@ -659,6 +785,7 @@ def main() -> int:
         policies = list(dict.fromkeys(r.policy for r in runs))
         started = datetime.fromtimestamp(args.report.stat().st_mtime, UTC)
         repeats = max((r.repeat + 1 for r in runs), default=0)
+        args.pace = runs[0].pace if runs else 1.0
     else:
         if args.thunderagent is not None and "thunderagent" not in policies:
             policies.append("thunderagent")
@@ -673,7 +800,8 @@ def main() -> int:
     lines = [
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()} ({platform.node()}), "
         f"{ENGINES[args.engine]}, KV cache {args.kv_blocks * 128:,} tokens, "
-        f"{repeats} repeats, load at the end {loadavg()}.",
+        f"{repeats} repeats, load at the end {loadavg()}"
+        + (f", tool pauses and arrivals x{args.pace:g}." if args.pace != 1.0 else "."),
         "",
     ]
     verdicts: list[str] = []
@@ -682,14 +810,16 @@ def main() -> int:
         verdicts += targets(runs, regime)
         plot(runs, regime, args.out / f"window-{regime}.png")
     lines += ["```", *verdicts, "```", ""]
-    sims = simulate(regimes, policies, args.seed, args.jobs)
+    sims = simulate(regimes, policies, args.seed, args.pace, args.jobs)
     for regime in regimes:
         lines += fidelity(runs, sims, regime, policies)
     if args.costs is not None:
         # The same, with the step time measured again on the day (the CPU engine's speed
         # drifts with the VM's host: a stale fit is off by its drift, not by the model).
         costs = json.loads(args.costs.read_text())
-        refit = simulate(regimes, policies, args.seed, args.jobs, engine_costs.step_time(costs))
+        refit = simulate(
+            regimes, policies, args.seed, args.pace, args.jobs, engine_costs.step_time(costs)
+        )
         label = f"cpu-tiny, step time refitted {costs.get('measured', args.costs.name)}"
         for regime in regimes:
             lines += fidelity(runs, refit, regime, policies, label)

@@ -73,8 +73,13 @@ class AIMDParams(BaseModel):
     paused) for as long as requests complete faster than they did resident (see
     :mod:`concur.policies.engine_load`). Off: keep the working set resident whatever the
     engine's load (the ``cache`` preset)."""
-    busy_low: float = Field(0.8, gt=0.0, le=1.0)
-    """Open up when the engine had the agents' work less than this share of the time."""
+    busy_low: float = Field(0.7, gt=0.0, le=1.0)
+    """Open up when the engine had the agents' work less than this share of the time.
+    Opening pays while the idle time it fills is worth more than the prefixes it makes the
+    engine recompute: at a resident busy share ``b``, about while ``b < 1 / (1 + r)``, with
+    ``r`` a miss's recomputation over a step's own engine time. 0.8 lost on the CPU engine,
+    whose prefill is slow (engine-bound swarm: it opened in 2 of 3 runs, 1.2x slower than
+    resident); a GPU's fast prefill tolerates more (docs/real-engine.md)."""
     open_dwell_cycles: float = Field(2.0, ge=0.0)
     """Agent cycles (a request and its tool call) the engine must stay under ``busy_low``
     before opening (once agents wait, or the cache congests); open, how long before

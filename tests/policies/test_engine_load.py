@@ -182,6 +182,20 @@ def test_a_busy_engine_keeps_the_working_set_resident() -> None:
     assert d.pause is True and d.window < 4
 
 
+def test_an_engine_busy_three_quarters_of_the_time_is_kept_resident_by_default() -> None:
+    # On the CPU engine, whose prefill is slow, a resident swarm at 75% busy lost 1.2x
+    # when opened (the engine-bound swarm at --pace auto): recomputing prefixes costs more
+    # than the idle quarter brings. The default opens only under 70%.
+    p = AIMD(AIMDParams(initial_window=4))
+    for t in range(30):
+        d = p.decide(tick(float(t), p.window, busy=0.75, live=4, queued=8))
+        assert p.load.mode is Mode.RESIDENT and d.window is not None
+    q = AIMD(AIMDParams(initial_window=4, busy_low=0.8))
+    for t in range(30):
+        q.decide(tick(float(t), q.window, busy=0.75, live=4, queued=8))
+    assert q.load.mode is Mode.OPEN
+
+
 def test_a_decrease_pauses_just_enough_to_bring_the_working_set_under_low() -> None:
     p = AIMD(AIMDParams(initial_window=8, low=0.75))
     # 8 live agents of 12.5k tokens each: 100% of the cache. Under 0.75 means 6 agents.
