@@ -207,13 +207,19 @@ def chunks(prompt: int, cached: int) -> list[tuple[int, int]]:
     return out
 
 
+def pairs(new: int, before: int) -> float:
+    """Attention pairs (query token, key token) of a prefill chunk of ``new`` tokens
+    after ``before`` ones."""
+    return new * before + new * (new + 1) / 2
+
+
 def design(prefills: list[Prefill], decodes: list[Decode]) -> tuple[np.ndarray, np.ndarray]:
     """Rows: [steps, scheduled tokens, sequences, prefill pairs, decode context]."""
     rows, y = [], []
     for p in prefills:
         steps = chunks(p.prompt, p.cached)
-        pairs = sum(n * before + n * (n + 1) / 2 for n, before in steps)
-        rows.append([len(steps), p.prompt - p.cached, len(steps), pairs, 0.0])
+        chunk_pairs = sum(pairs(n, before) for n, before in steps)
+        rows.append([len(steps), p.prompt - p.cached, len(steps), chunk_pairs, 0.0])
         y.append(p.seconds)
     for d in decodes:
         ctx = d.streams * (d.context + 256)  # mean context over the decode

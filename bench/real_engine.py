@@ -72,6 +72,7 @@ from _proc import loadavg, machine, pin_away_from_the_model
 
 from concur.adapters.signal import EngineSignal
 from concur.adapters.vllm import parse as parse_vllm
+from concur.config import parse_set_value
 from concur.policies.registry import PolicySettings
 from concur.sim.demo.orchestrate import start_engine
 from concur.sim.engine_config import PRESETS as ENGINE_PRESETS
@@ -223,7 +224,7 @@ class Fronts:
             child = self.sup.start(name, argv)
             wait_http(child, url + "/health", timeout=60.0)
             return child, url
-        spec, *settings = policy.split("+")
+        spec, settings = policy_variant(policy)
         argv = [
             sys.executable,
             "-m",
@@ -238,8 +239,8 @@ class Fronts:
             "--log-format",
             "json",
         ]
-        for setting in settings:  # aimd+busy_low=0.6: --set policy.aimd.busy_low=0.6
-            argv += ["--set", f"policy.{spec.split(':')[0]}.{setting}"]
+        for key, raw in settings.items():  # aimd+busy_low=0.6: --set policy.aimd.busy_low=0.6
+            argv += ["--set", f"policy.{spec.split(':')[0]}.{key}={raw}"]
         child = self.sup.start(name, argv)
         wait_http(child, url + "/readyz", timeout=60.0)
         return child, url
@@ -302,28 +303,20 @@ def regime_trace(regime: str, seed: int, pace: float) -> Trace:
     )
 
 
-def probe_speed(url: str, model: str, tokens: int = PROBE_TOKENS) -> float:
+def probe_speed(url: str, tokens: int = PROBE_TOKENS) -> float:
     """How much slower than ``cpu-tiny``'s fit this engine prefills: a cold prompt of
     ``tokens`` timed at the client against the fit's prediction (its
     chunked-prefill steps and the request overheads)."""
     preset = ENGINE_PRESETS["cpu-tiny"]
     with httpx.Client(trust_env=False, timeout=600.0) as http:
-        http.post(url + "/reset_prefix_cache").raise_for_status()
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": filler_text(tokens, "pace-probe")}],
-            "max_tokens": 1,
-        }
-        t = time.perf_counter()
-        resp = http.post(url + "/v1/chat/completions", json=body)
-        resp.raise_for_status()
-        real = time.perf_counter() - t
-        http.post(url + "/reset_prefix_cache").raise_for_status()
-    prompt = int(resp.json()["usage"]["prompt_tokens"])
+        engine_costs.reset(http, url)
+        real, usage = engine_costs.chat(http, url, filler_text(tokens, "pace-probe"))
+        engine_costs.reset(http, url)
+    prompt = int(usage["prompt_tokens"])
     predicted = preset.request_overhead_s + preset.overhead_per_prompt_token_s * prompt
     for new, before in engine_costs.chunks(prompt, 0):
-        pairs = new * before + new * (new + 1) // 2
-        predicted += preset.step_time.duration(new, before + new, pairs, before + new, 1)
+        chunk_pairs = int(engine_costs.pairs(new, before))
+        predicted += preset.step_time.duration(new, before + new, chunk_pairs, before + new, 1)
     factor = real / predicted
     print(
         f"  a cold prefill of {prompt:,} tokens: {1000 * real:.0f} ms, cpu-tiny's fit "
@@ -514,21 +507,22 @@ def simulate(
     return {tuple(j.label.split("|")): r.summary for j, r in zip(todo, results, strict=True)}
 
 
+def policy_variant(policy: str) -> tuple[str, dict[str, str]]:
+    """``SPEC+KEY=VALUE+...`` -> the policy spec and its parameters' raw values."""
+    spec, *items = policy.split("+")
+    parts = (item.partition("=") for item in items)
+    return spec, {key: raw for key, _, raw in parts}
+
+
 def sim_policy(policy: str) -> tuple[str, PolicySettings]:
     """A front's policy as ``concur sim`` takes it: ``none`` is ``unlimited``, and
-    ``SPEC+KEY=VALUE`` sets the policy's parameters (as ``--set`` does for the proxy)."""
+    ``SPEC+KEY=VALUE`` sets the policy's parameters, each value read as ``--set`` reads
+    it for the proxy."""
     if policy == "none":
         return "unlimited", PolicySettings()
-    spec, *sets = policy.split("+")
-    values: dict[str, Any] = {}
-    for item in sets:
-        key, _, text = item.partition("=")
-        try:
-            values[key] = json.loads(text)
-        except ValueError:
-            values[key] = text
-    name = spec.split(":")[0]
-    return spec, PolicySettings.model_validate({name: values} if values else {})
+    spec, settings = policy_variant(policy)
+    values = {key: parse_set_value(raw) for key, raw in settings.items()}
+    return spec, PolicySettings.model_validate({spec.split(":")[0]: values} if values else {})
 
 
 def fidelity(
@@ -656,11 +650,7 @@ def measure(
                 args.costs = args.out / "engine-costs.json"
                 args.costs.write_text(json.dumps(costs, indent=1))
         # The twin runs at the fit's speed by construction.
-        speed = (
-            probe_speed(server.url, server.config.served_model_name)
-            if isinstance(server, VllmServer)
-            else 1.0
-        )
+        speed = probe_speed(server.url) if isinstance(server, VllmServer) else 1.0
         if args.pace == "auto":
             args.pace = round(max(1.0, speed), 2)
         args.pace = float(args.pace)

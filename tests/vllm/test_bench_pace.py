@@ -19,9 +19,8 @@ pytestmark = [pytest.mark.vllm]
 
 
 def test_probe_times_a_cold_prefill_against_the_fit(vllm_server: VllmServer) -> None:
-    model = vllm_server.config.served_model_name
-    first = probe_speed(vllm_server.url, model, tokens=4096)
-    second = probe_speed(vllm_server.url, model, tokens=4096)
+    first = probe_speed(vllm_server.url, tokens=4096)
+    second = probe_speed(vllm_server.url, tokens=4096)
     # Both cold (the probe empties the cache before and after): they agree within the
     # machine's noise, far from the 10x a cached prompt would show.
     assert math.isfinite(first) and first > 0.0
