@@ -47,6 +47,9 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("aimd (default)", "aimd"),
     Variant("aimd:cache (working set kept resident, not engine-aware)", "aimd:cache"),
+    Variant("aimd start resident", "aimd", {"start_open": False}),
+    Variant("aimd share_high .7", "aimd", {"share_high": 0.7}),
+    Variant("aimd share_high .8", "aimd", {"share_high": 0.8}),
     Variant("aimd high .90 low .80", "aimd", {"high": 0.9, "low": 0.8}),
     Variant("aimd high .95 low .85", "aimd", {"high": 0.95, "low": 0.85}),
     Variant("aimd additive increase", "aimd", {"increase": "additive"}),
@@ -65,6 +68,9 @@ VARIANTS: tuple[Variant, ...] = (
 )
 QUICK = (
     "aimd (default)",
+    "aimd start resident",
+    "aimd share_high .7",
+    "aimd share_high .8",
     "aimd:cache (working set kept resident, not engine-aware)",
     "aimd:kv",
     "aimd:paper",

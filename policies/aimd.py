@@ -80,14 +80,20 @@ class AIMDParams(BaseModel):
     ``r`` a miss's recomputation over a step's own engine time. 0.8 lost on the CPU engine,
     whose prefill is slow (engine-bound swarm: it opened in 2 of 3 runs, 1.2x slower than
     resident); a GPU's fast prefill tolerates more (docs/real-engine.md)."""
+    start_open: bool = True
+    """Start open (no limit, with ``engine_aware``): an agent held back at the start is late
+    for its whole life, and nothing says yet that the engine is the bottleneck. Off: start
+    resident, with ``initial_window``."""
+    share_high: float = Field(0.75, gt=0.0, le=1.0)
+    """Open, close (keep the working set resident) when the cache is congested and the
+    agents spend more than this share of their cycle waiting on the engine: the engine is
+    then the bottleneck, and every prefix it recomputes is taken from useful work."""
     open_dwell_cycles: float = Field(2.0, ge=0.0)
     """Agent cycles (a request and its tool call) the engine must stay under ``busy_low``
     before opening (once agents wait, or the cache congests); open, how long before
     judging whether it pays."""
     open_dwell: float = Field(2.0, ge=0.0)
     """... and at least this many seconds."""
-    reprobe: float = Field(120.0, gt=0.0)
-    """Seconds after opening to try keeping the working set resident again."""
 
     @field_validator("pressure", mode="before")
     @classmethod
@@ -159,21 +165,30 @@ class AIMD:
         prm = self.params
         self.load = EngineLoad(
             busy_low=prm.busy_low,
+            share_high=prm.share_high,
             dwell_cycles=prm.open_dwell_cycles,
             min_dwell_s=prm.open_dwell,
-            reprobe_s=prm.reprobe,
+            mode=Mode.OPEN if self._starts_open() else Mode.RESIDENT,
         )
+
+    def _starts_open(self) -> bool:
+        return self.params.engine_aware and self.params.start_open
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "preset": self.preset, **self.params.model_dump()}
 
     def initial_window(self) -> int | None:
-        return self.params.initial_window
+        return None if self._starts_open() else self.params.initial_window
 
     def resume_from(self, window: int | None, live: int) -> int | None:
-        """A live retune keeps what was learned: the window in force (or, after no
-        limit, the agents running), within this policy's bounds."""
+        """A live retune keeps what was learned: the window in force, within this
+        policy's bounds, resident; after no limit, open if this policy starts open, else
+        the agents running."""
         prm = self.params
+        if window is None and self.load.mode is Mode.OPEN:
+            self.window = min(prm.max_window, max(prm.min_window, live))
+            return None  # open before, open now: the evidence to close comes as it did
+        self.load.mode = Mode.RESIDENT
         seed = window if window is not None else live
         self.window = min(prm.max_window, max(prm.min_window, seed))
         return self.window
@@ -211,6 +226,10 @@ class AIMD:
                 obs.tool_s,
                 obs.served_tokens,
             )
+            if obs.interval_s and obs.busy is None and self.load.mode is Mode.OPEN:
+                # A gate that times no requests: no evidence to close on will ever come,
+                # so the cache law holds (concur's own gate always times them).
+                self.load.mode = Mode.RESIDENT
             # Agents wait only because the cache law holds them back.
             held_back = obs.queued + obs.paused > 0
             was = self.load.mode

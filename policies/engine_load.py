@@ -19,14 +19,20 @@ between two modes:
 ``open``
     no limit and nobody paused: cache misses are cheaper than an idle engine.
 
-It opens when agents are held back (or the cache is congested, so they are about to
-be) after the engine has stayed under ``busy_low`` for a dwell of ``dwell_cycles``
-agent cycles: an engine that was idle before congestion opens at it, pausing nobody.
-Open, it keeps the mode unless it clearly does not pay: the first dwell lets the agents
-it released warm up, and if over the second less work is done per second than over the
-last dwell resident (by more than :data:`TIE`), it closes again and waits twice as long
-before the next try. After ``reprobe_s`` open, if the cache is congested, it closes to
-check that the swarm has not changed.
+It starts open (``start_open``): until the agents show that they wait on the engine,
+nothing says the engine is the bottleneck, and an agent held back at the start is late
+for its whole life. Open, it closes when the cache is congested and the agents spend
+more than ``share_high`` of their cycle waiting on the engine (their requests' time over
+request plus tool call, averaged over a cycle) for a whole agent cycle: the engine is then
+the bottleneck, and every prefix it recomputes is taken from useful work.
+
+Resident, it opens when agents are held back (or the cache is congested, so they are
+about to be) after the engine has stayed under ``busy_low`` for a dwell of
+``dwell_cycles`` agent cycles: an engine that was idle before congestion opens at it,
+pausing nobody. Opened so, it keeps the mode unless it clearly does not pay: the first
+dwell lets the agents it released warm up, and if over the second less work is done per
+second than over the last dwell resident (by more than :data:`TIE`), it closes again.
+Every close doubles the dwell before the next try.
 Pure: time comes in with each update.
 """
 
@@ -69,17 +75,22 @@ class EngineLoad:
     """The agents' pace, the engine's busy share and the mode they imply."""
 
     busy_low: float
+    share_high: float
     dwell_cycles: float
     min_dwell_s: float
-    reprobe_s: float
     mode: Mode = Mode.RESIDENT
     since: float = 0.0
     """When the current mode began."""
     busy: Ewma | None = None
     cycle: Ewma | None = None
     """An agent's cycle: its request's time plus its tool call's."""
+    share: Ewma | None = None
+    """The agents' engine share: their requests' time over their cycle."""
     idle_since: float | None = None
     """Since when, resident, the engine has stayed under ``busy_low`` (agents about)."""
+    bound_since: float | None = None
+    """Since when, open, the agents' engine share has stayed over ``share_high`` with the
+    cache congested."""
     resident_rate: float | None = None
     """Requests completed per second resident, over the dwell before it last opened."""
     completions: deque[tuple[float, int, int]] = field(default_factory=deque)
@@ -91,14 +102,14 @@ class EngineLoad:
     """Open: whether it was compared with resident yet (once, two dwells in)."""
 
     def __post_init__(self) -> None:
-        self.busy, self.cycle = Ewma(), Ewma()
+        self.busy, self.cycle, self.share = Ewma(), Ewma(), Ewma()
 
-    def dwell(self) -> float:
-        """Seconds to wait before judging: ``dwell_cycles`` agent cycles, at least
-        ``min_dwell_s``."""
+    def dwell(self, cycles: float | None = None) -> float:
+        """Seconds to wait before judging: ``dwell_cycles`` agent cycles (or ``cycles``),
+        at least ``min_dwell_s``."""
         assert self.cycle is not None
         cycle = self.cycle.value or 0.0
-        return max(self.min_dwell_s, self.dwell_cycles * cycle)
+        return max(self.min_dwell_s, (self.dwell_cycles if cycles is None else cycles) * cycle)
 
     def update(
         self,
@@ -112,11 +123,13 @@ class EngineLoad:
     ) -> None:
         """Fold in one tick's interval, which ended at ``now`` (nothing when the interval or
         the busy share is unknown: the first tick, or a gate that measures no pace)."""
-        assert self.busy is not None and self.cycle is not None
+        assert self.busy is not None and self.cycle is not None and self.share is not None
         if not interval_s or busy is None:
             return
-        if latency_s is not None and tool_s is not None:
+        if latency_s is not None and tool_s is not None and latency_s + tool_s > 0:
             self.cycle.add(latency_s + tool_s, interval_s, max(1.0, self.cycle.value or 1.0))
+            tau = max(1.0, self.cycle.value or 1.0)
+            self.share.add(latency_s / (latency_s + tool_s), interval_s, tau)
         self.busy.add(busy, interval_s, max(1.0, self.cycle.value or 1.0))
         ticks = self.completions
         ticks.append((now, completed, served_tokens))
@@ -141,18 +154,26 @@ class EngineLoad:
     def step(self, now: float, held_back: bool, congested: bool) -> Mode:
         """The mode for this tick. ``held_back``: agents wait (queued or paused);
         ``congested``: the cache is over its threshold."""
-        assert self.busy is not None
+        assert self.busy is not None and self.share is not None
         dwell = self.dwell()
         if self.mode is Mode.OPEN:
-            if not self.judged and now - self.since >= 2 * dwell:
+            share = self.share.value
+            if not (congested and share is not None and share > self.share_high):
+                self.bound_since = None
+            elif self.bound_since is None:
+                self.bound_since = now
+            if self.bound_since is not None and now - self.bound_since >= self.dwell(1.0):
+                # For an agent cycle the agents waited on the engine more than they worked:
+                # the engine is the bottleneck, and misses take from useful work.
+                self.backoff *= 2.0
+                self._switch(Mode.RESIDENT, now)
+            elif not self.judged and now - self.since >= 2 * dwell:
                 # The first dwell is the agents let in warming up; the second is judged.
                 self.judged = True
                 rate, before = self.rate(self.since + dwell, now), self.resident_rate
                 if rate is not None and before is not None and rate < before * (1 - TIE):
                     self.backoff *= 2.0  # it did not pay: try again later, if at all
                     self._switch(Mode.RESIDENT, now)
-            elif self.judged and congested and now - self.since >= self.reprobe_s:
-                self._switch(Mode.RESIDENT, now)
             return self.mode
         # Idle is judged only once an agent cycle has been seen: before it, the dwell
         # has no length, and the busy share may still hold the quiet before the swarm.
@@ -180,6 +201,7 @@ class EngineLoad:
     def _switch(self, mode: Mode, now: float) -> None:
         self.mode = mode
         self.since = now
-        self.idle_since = None
+        self.idle_since = self.bound_since = None
         self.judged = False
-        self.busy = Ewma()  # the other mode's load says nothing about this one
+        # The other mode's load says nothing about this one.
+        self.busy, self.share = Ewma(), Ewma()

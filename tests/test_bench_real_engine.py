@@ -36,9 +36,9 @@ def test_pace_option_takes_a_positive_number_or_auto() -> None:
 
 
 def test_a_policy_variant_sets_its_parameters_in_the_simulator_too() -> None:
-    spec, settings = sim_policy("aimd+busy_low=0.5+reprobe=60")
+    spec, settings = sim_policy("aimd+busy_low=0.5+share_high=0.6")
     assert spec == "aimd"
-    assert settings.aimd.busy_low == 0.5 and settings.aimd.reprobe == 60.0
+    assert settings.aimd.busy_low == 0.5 and settings.aimd.share_high == 0.6
     assert sim_policy("none")[0] == "unlimited"
     spec, settings = sim_policy("static:4")
     assert spec == "static:4" and settings.aimd.busy_low == 0.7

@@ -48,11 +48,14 @@ def make(policy_spec: str = "aimd", mode: str = "hold") -> tuple[Controller, Adm
 def test_initial_window_comes_from_the_policy() -> None:
     assert make("static:5")[1].window == 5
     assert make("unlimited")[1].window is None
-    assert make("aimd")[1].window == AIMDParams().initial_window
+    # The default starts open (no evidence yet that the engine is the bottleneck); the
+    # cache law starts at its initial window.
+    assert make("aimd")[1].window is None
+    assert make("aimd:cache")[1].window == AIMDParams().initial_window
 
 
 def test_high_kv_usage_shrinks_the_window_and_stops_admissions() -> None:
-    ctl, gate, clock = make("aimd")
+    ctl, gate, clock = make("aimd:cache")
     for i in range(8):
         gate.submit(f"a{i}")
     assert gate.live == 8
@@ -86,7 +89,7 @@ def test_rates_hit_rate_and_preemptions_per_interval() -> None:
     [("hold", 8), ("closed", 3), ("open", None)],
 )
 def test_failure_modes_on_a_stale_signal(mode: str, expected: int | None) -> None:
-    ctl, gate, _ = make("aimd", mode)
+    ctl, gate, _ = make("aimd:cache", mode)
     for i in range(3):
         gate.submit(f"a{i}")
     rec = ctl.tick(1.0, sig(0.0, 0.99), stale=True)
@@ -97,7 +100,7 @@ def test_failure_modes_on_a_stale_signal(mode: str, expected: int | None) -> Non
 
 
 def test_closed_admits_no_new_agent_even_when_an_admitted_one_ends() -> None:
-    ctl, gate, _ = make("aimd", "closed")
+    ctl, gate, _ = make("aimd:cache", "closed")
     tickets = [gate.submit(f"a{i}") for i in range(3)]
     ctl.tick(1.0, None)
     late = gate.submit("late")
@@ -112,7 +115,7 @@ def test_closed_admits_no_new_agent_even_when_an_admitted_one_ends() -> None:
 
 
 def test_recovery_after_stale_uses_the_policy_again() -> None:
-    ctl, gate, _ = make("aimd", "closed")
+    ctl, gate, _ = make("aimd:cache", "closed")
     ctl.tick(1.0, None)
     assert gate.window == 0
     rec = ctl.tick(2.0, sig(2.0, 0.95))
@@ -136,12 +139,12 @@ def test_set_policy_swaps_live() -> None:
 
 
 def test_a_live_retune_of_aimd_keeps_the_window_it_learned() -> None:
-    ctl, gate, _ = make("aimd")
+    ctl, gate, _ = make("aimd:cache")
     for i in range(40):
         gate.submit(f"a{i}")
     gate.apply(40)
     ctl.policy.window = 40  # type: ignore[attr-defined]  # what the policy had grown to
-    ctl.set_policy(build_policy("aimd", PolicySettings(aimd={"high": 0.9})))
+    ctl.set_policy(build_policy("aimd:cache", PolicySettings(aimd={"high": 0.9})))
     assert gate.window == 40 and ctl.policy.window == 40  # type: ignore[attr-defined]
     ctl.tick(1.0, sig(1.0, 0.95))  # and it goes on from there: 40 x 0.5
     assert gate.window == 20
@@ -149,10 +152,14 @@ def test_a_live_retune_of_aimd_keeps_the_window_it_learned() -> None:
     ctl.set_policy(build_policy("unlimited"))
     ctl.tick(2.0, sig(2.0, 0.95))
     assert gate.window is None and gate.live == 40  # the paused ones resumed
-    ctl.set_policy(build_policy("aimd", PolicySettings(aimd={"max_window": 32})))
+    ctl.set_policy(build_policy("aimd:cache", PolicySettings(aimd={"max_window": 32})))
     assert gate.window == 32
+    ctl.set_policy(build_policy("aimd"))  # the default, from a window: resident, as it was
+    assert gate.window == 32
+    # The default after no limit stays open: the evidence to close comes as at its start.
+    ctl.set_policy(build_policy("unlimited"))
     ctl.set_policy(build_policy("aimd"))
-    assert gate.window == 32
+    assert gate.window is None
 
 
 def test_the_observation_carries_the_intervals_pace() -> None:

@@ -303,7 +303,6 @@ def _print_next(
             "engine.poll_interval",
             "policy.aimd.decrease_cooldown",
             "policy.aimd.open_dwell",
-            "policy.aimd.reprobe",
             "admission.max_queue_wait",
         )
     )

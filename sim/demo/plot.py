@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from concur.sim.demo.report import RunRecord
-from concur.sim.demo.story import NO_CONTROL, OPEN, Timeline, start_jump, timeline
+from concur.sim.demo.story import (
+    NO_CONTROL,
+    OPEN,
+    Timeline,
+    start_jump,
+    start_open_span,
+    timeline,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,7 +37,7 @@ LABELS = {
     "queued": "queued before their first request",
     "window": "window (most live agents allowed)",
     NO_CONTROL: "no limit: no admission control",
-    OPEN: "open: concur lifted the limit (engine idle)",
+    OPEN: "open: concur set no limit (from the start, or the engine idle)",
     "no limit": "no limit",
     "kv": "KV cache usage",
     "hit": "prefix-cache hit rate",
@@ -84,6 +91,28 @@ def _agents(ax: Axes, tl: Timeline, initial: int | None) -> None:
             va="top",
             fontsize=9,
         )
+    opened = start_open_span(tl) if tl.controlled else None
+    if opened is not None:  # the law started open: say so, and where it closed in
+        closed = opened[1] < tl.end
+        i = tl.t.index(opened[1]) if closed and opened[1] in tl.t else None
+        text = (
+            f"open from the start; closed in at {opened[1]:,.0f} s:\n"
+            "the agents waited on the engine (pauses at step boundaries)"
+            if closed
+            else "open from the start to the end:\nthe agents never waited on the engine for long"
+        )
+        xy = (opened[1], tl.window[i] or 0) if i is not None else (opened[0], 0)
+        ax.annotate(
+            text,
+            xy=xy,
+            xytext=(0.98, 0.96),
+            textcoords="axes fraction",
+            ha="right",
+            va="top",
+            fontsize=8,
+            arrowprops={"arrowstyle": "->", "lw": 0.8},
+        )
+        return
     jump = start_jump(tl, initial) if initial is not None else None
     if jump is not None:
         at, window, live_now = jump

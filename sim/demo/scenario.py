@@ -179,7 +179,7 @@ def live_settings(speed: float, control_interval: float = 1.0) -> dict[str, Any]
     """``concur serve`` settings (dotted keys) that run its control loop on simulated time.
 
     The control interval, the metric poll interval (half of it), AIMD's decrease
-    cooldown and its engine-aware dwell and reprobe are given in simulated seconds and
+    cooldown and its engine-aware dwell are given in simulated seconds and
     divided by ``speed``;
     staleness stays generous in wall seconds, so a busy engine does not look dead.
     """
@@ -193,7 +193,6 @@ def live_settings(speed: float, control_interval: float = 1.0) -> dict[str, Any]
         "engine.stale_after": max(2.0, 8 * poll),
         "policy.aimd.decrease_cooldown": aimd.decrease_cooldown / speed,
         "policy.aimd.open_dwell": aimd.open_dwell / speed,
-        "policy.aimd.reprobe": aimd.reprobe / speed,
         "server.drain_timeout": 5.0,
         # A batch swarm waits in the queue by design, in FIFO order: as long as the
         # swarm client waits for a response (its --timeout), not the 60 s default.

@@ -5,8 +5,9 @@ paused and queued agents and the window (``None`` where there was no limit, with
 spans of no limit and why: no control at all, or concur's engine-aware law open).
 Without concur every agent that has arrived and not ended is live, as the swarm's own
 per-agent times say. :func:`story` tells what concur did in plain words (how far the
-window opened at the start and why, how many agents it held back and how, how long it
-was open) and what that bought, with every number taken from the runs.
+window opened at the start and why, or that it started open and when and why it closed;
+how many agents it held back and how, how long it was open) and what that bought, with
+every number taken from the runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from concur.sim.demo.monitor import Sample
 from concur.sim.demo.report import RunRecord
 
-__all__ = ["Held", "Timeline", "held_back", "start_jump", "story", "timeline"]
+__all__ = ["Held", "Timeline", "held_back", "start_jump", "start_open_span", "story", "timeline"]
 
 NO_CONTROL = "no control"
 OPEN = "open"
@@ -153,8 +154,41 @@ def start_jump(tl: Timeline, initial: int) -> tuple[float, int, int] | None:
     return None
 
 
+def start_open_span(tl: Timeline) -> tuple[float, float] | None:
+    """The span the engine-aware law was open from its first reading, if it started so."""
+    if tl.t and tl.no_limit and tl.no_limit[0][0] == tl.t[0] and tl.no_limit[0][2] == OPEN:
+        return tl.no_limit[0][0], tl.no_limit[0][1]
+    return None
+
+
+def _started_open(tl: Timeline, policy: dict[str, Any]) -> str | None:
+    span = start_open_span(tl)
+    if span is None:
+        return None
+    text = (
+        "It started open (no limit, nobody held back, shaded in the plot): nothing said "
+        "yet that the engine was the bottleneck, and an agent held back at the start is "
+        "late for its whole life"
+    )
+    if span[1] >= tl.end:
+        return text + (
+            ". It stayed open: the agents never waited on the engine for most of a cycle "
+            "while the cache was congested, so holding them back would only have idled it."
+        )
+    share = policy.get("share_high")
+    mark = f"{100 * share:.0f}%" if isinstance(share, float) else "most"
+    return text + (
+        f". At {span[1]:,.0f} s it closed in: the cache was congested and the agents had "
+        f"spent more than {mark} of their cycle waiting on the engine for a whole cycle, so "
+        "the engine was the bottleneck and every recomputed prefix cost useful work."
+    )
+
+
 def _start(tl: Timeline, policy: dict[str, Any], agents: int) -> str | None:
-    """How far the window opened at the start, and why when the law says so."""
+    """How the law started: open, or how far the window opened and why."""
+    opened = _started_open(tl, policy)
+    if opened is not None:
+        return opened
     initial = policy.get("initial_window")
     jump = start_jump(tl, initial) if isinstance(initial, int) else None
     if jump is None:
@@ -204,12 +238,16 @@ def story(direct: RunRecord, controlled: RunRecord) -> str:
     start = _start(tl, policy, agents)
     if start:
         parts.append(start)
-    parts.append(_held(held, agents))
-    if held.open_s > 0:
+    first = start_open_span(tl)
+    if held.most or first is None:  # (open throughout: the start's text said it all)
+        parts.append(_held(held, agents))
+    reopened = held.open_s - (first[1] - first[0] if first else 0.0)
+    if reopened > 0:
+        again = " again" if first else ""
         parts.append(
-            f"For {held.open_s:,.0f} s it was open (no limit, nobody paused; shaded in the "
-            "plot): the engine sat idle while agents were held back, and cache misses cost "
-            "less than an idle engine."
+            f"For {reopened:,.0f} s it was open{again} (no limit, nobody paused; shaded in "
+            "the plot): the engine sat idle while agents were held back, and cache misses "
+            "cost less than an idle engine."
         )
     d_hit, c_hit = direct.hit_rate, controlled.hit_rate
     if held.most and d_hit is not None and c_hit is not None and c_hit > d_hit:

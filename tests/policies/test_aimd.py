@@ -1,4 +1,5 @@
-"""AIMD: grows only while used, halves on congestion, cooldown, bounds, paper preset."""
+"""AIMD's window (resident mode): grows only while used, halves on congestion, cooldown,
+bounds, paper preset. Starting open is tested with the engine-aware part (test_engine_load)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def obs(
 
 
 def test_grows_only_while_window_in_use() -> None:
-    p = AIMD(AIMDParams(initial_window=4, alpha=2))
+    p = AIMD(AIMDParams(start_open=False, initial_window=4, alpha=2))
     # Low pressure but only 1 of 4 slots used and nobody waiting: hold.
     d = p.decide(obs(0, 4, kv=0.1, live=1))
     assert (d.window, d.reason) == (4, "hold")
@@ -54,13 +55,13 @@ def test_grows_only_while_window_in_use() -> None:
 
 
 def test_no_growth_between_low_and_high() -> None:
-    p = AIMD(AIMDParams(initial_window=4))
+    p = AIMD(AIMDParams(start_open=False, initial_window=4))
     d = p.decide(obs(0, 4, kv=0.75, live=4, queued=3))
     assert (d.window, d.reason) == (4, "hold")
 
 
 def test_halves_on_pressure_and_cooldown_holds() -> None:
-    p = AIMD(AIMDParams(initial_window=16, decrease_cooldown=5.0))
+    p = AIMD(AIMDParams(start_open=False, initial_window=16, decrease_cooldown=5.0))
     d = p.decide(obs(10.0, 16, kv=0.9, live=16))
     assert (d.window, d.reason) == (8, "decrease:pressure")
     assert d.pause is True
@@ -73,7 +74,7 @@ def test_halves_on_pressure_and_cooldown_holds() -> None:
 
 
 def test_working_set_pressure_counts_live_agents() -> None:
-    p = AIMD(AIMDParams(initial_window=16))
+    p = AIMD(AIMDParams(start_open=False, initial_window=16))
     # KV usage low, but live agents' contexts are 90% of capacity: congestion.
     d = p.decide(obs(0, 16, kv=0.2, live=16, live_tokens=int(0.9 * CAP)))
     assert d.window == 8
@@ -89,14 +90,14 @@ def test_kv_only_pressure_ignores_working_set() -> None:
 
 
 def test_preemptions_are_congestion() -> None:
-    p = AIMD(AIMDParams(initial_window=10))
+    p = AIMD(AIMDParams(start_open=False, initial_window=10))
     d = p.decide(obs(0, 10, kv=0.3, live=10, preempt=3))
     assert (d.window, d.reason) == (5, "decrease:preemptions")
     assert d.pause is False  # pausing needs pressure above high, not just preemptions
 
 
 def test_unknown_pressure_holds() -> None:
-    p = AIMD(AIMDParams(initial_window=10, pressure=("kv",)))
+    p = AIMD(AIMDParams(start_open=False, initial_window=10, pressure=("kv",)))
     d = p.decide(obs(0, 10, kv=None, live=10, queued=4, preempt=None))
     assert (d.window, d.pressure) == (10, None)
 
@@ -174,6 +175,7 @@ def test_window_never_leaves_bounds(
         alpha=alpha,
         beta=beta,
         decrease_cooldown=1.0,
+        start_open=False,
     )
     p = AIMD(prm)
     now = 0.0
@@ -185,7 +187,7 @@ def test_window_never_leaves_bounds(
 
 
 def test_fit_increase_admits_what_fits_at_once() -> None:
-    p = AIMD(AIMDParams(initial_window=4, low=0.7, high=0.85))
+    p = AIMD(AIMDParams(start_open=False, initial_window=4, low=0.7, high=0.85))
     o = Observation(
         now=0,
         window=4,
@@ -202,7 +204,7 @@ def test_fit_increase_admits_what_fits_at_once() -> None:
 
 
 def test_additive_increase_probes_one_step_at_a_time() -> None:
-    p = AIMD(AIMDParams(initial_window=4, increase="additive"))
+    p = AIMD(AIMDParams(start_open=False, initial_window=4, increase="additive"))
     o = Observation(
         now=0,
         window=4,

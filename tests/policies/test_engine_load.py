@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,7 @@ CAP = 100_000
 
 
 def load(**kw: float) -> EngineLoad:
-    args = {"busy_low": 0.8, "dwell_cycles": 2.0, "min_dwell_s": 2.0, "reprobe_s": 120.0}
+    args = {"busy_low": 0.8, "share_high": 0.75, "dwell_cycles": 2.0, "min_dwell_s": 2.0}
     return EngineLoad(**{**args, **kw})  # type: ignore[arg-type]
 
 
@@ -121,9 +122,6 @@ def test_open_stays_open_unless_it_clearly_does_not_pay() -> None:
         feed(el, float(t), 1.0, completed=slightly_less)
         assert el.step(float(t), held_back=False, congested=True) is Mode.OPEN
     assert el.judged
-    # After reprobe_s, a congested cache closes in again to check the swarm.
-    feed(el, 123.0, 1.0, completed=3)
-    assert el.step(123.0, held_back=False, congested=True) is Mode.RESIDENT
 
 
 def test_open_closes_when_it_does_not_pay_and_waits_longer_next_time() -> None:
@@ -175,7 +173,7 @@ def tick(
 
 
 def test_a_busy_engine_keeps_the_working_set_resident() -> None:
-    p = AIMD(AIMDParams(initial_window=4))
+    p = AIMD(AIMDParams(initial_window=4, start_open=False))
     for t in range(30):  # cache over high, engine busy: pause, as the cache preset does
         d = p.decide(tick(float(t), p.window, busy=0.98, live=4, queued=8))
         assert p.load.mode is Mode.RESIDENT and d.window is not None
@@ -186,25 +184,25 @@ def test_an_engine_busy_three_quarters_of_the_time_is_kept_resident_by_default()
     # On the CPU engine, whose prefill is slow, a resident swarm at 75% busy lost 1.2x
     # when opened (the engine-bound swarm at --pace auto): recomputing prefixes costs more
     # than the idle quarter brings. The default opens only under 70%.
-    p = AIMD(AIMDParams(initial_window=4))
+    p = AIMD(AIMDParams(initial_window=4, start_open=False))
     for t in range(30):
         d = p.decide(tick(float(t), p.window, busy=0.75, live=4, queued=8))
         assert p.load.mode is Mode.RESIDENT and d.window is not None
-    q = AIMD(AIMDParams(initial_window=4, busy_low=0.8))
+    q = AIMD(AIMDParams(initial_window=4, busy_low=0.8, start_open=False))
     for t in range(30):
         q.decide(tick(float(t), q.window, busy=0.75, live=4, queued=8))
     assert q.load.mode is Mode.OPEN
 
 
 def test_a_decrease_pauses_just_enough_to_bring_the_working_set_under_low() -> None:
-    p = AIMD(AIMDParams(initial_window=8, low=0.75))
+    p = AIMD(AIMDParams(initial_window=8, low=0.75, start_open=False))
     # 8 live agents of 12.5k tokens each: 100% of the cache. Under 0.75 means 6 agents.
     d = p.decide(tick(0.0, 8, busy=1.0, live=8, working_set=1.0, queued=1))
     assert (d.window, d.reason, d.pause) == (6, "decrease:pressure", True)
 
 
 def test_an_idle_engine_opens_the_window_and_pauses_nobody() -> None:
-    p = AIMD(AIMDParams(initial_window=4))
+    p = AIMD(AIMDParams(initial_window=4, start_open=False))
     for t in range(5):
         d = p.decide(tick(float(t), p.window, busy=0.4, live=4, queued=8, working_set=0.8))
     assert p.load.mode is Mode.OPEN
@@ -218,7 +216,15 @@ def test_an_idle_engine_opens_the_window_and_pauses_nobody() -> None:
 
 def test_an_open_window_that_did_not_pay_closes_in_from_the_live_agents() -> None:
     # Dwells of two cycles (3 s here): the first loop opens it, the second judges it.
-    p = AIMD(AIMDParams(initial_window=4, decrease_cooldown=0.0, open_dwell_cycles=2, open_dwell=2))
+    p = AIMD(
+        AIMDParams(
+            initial_window=4,
+            decrease_cooldown=0.0,
+            open_dwell_cycles=2,
+            open_dwell=2,
+            start_open=False,
+        )
+    )
     for t in range(5):
         p.decide(tick(float(t), p.window, busy=0.4, live=4, queued=8, working_set=0.8))
     assert p.load.mode is Mode.OPEN
@@ -232,7 +238,7 @@ def test_an_open_window_that_did_not_pay_closes_in_from_the_live_agents() -> Non
 
 def test_without_a_busy_share_the_law_is_the_cache_law() -> None:
     # No timing (a gate that measures none): the engine-aware part stays out of the way.
-    default = AIMD(AIMDParams(initial_window=4))
+    default = AIMD(AIMDParams(initial_window=4, start_open=False))
     cache = AIMD(AIMDParams(initial_window=4, engine_aware=False))
     for t, ws in enumerate([0.5, 0.9, 0.9, 0.95, 0.6, 0.5, 0.9, 1.1, 0.4, 0.3] * 2):
         a = default.decide(
@@ -243,6 +249,19 @@ def test_without_a_busy_share_the_law_is_the_cache_law() -> None:
     assert default.load.mode is Mode.RESIDENT
     cached = build_policy("aimd:cache")
     assert isinstance(cached, AIMD) and cached.params.engine_aware is False
+
+
+def test_started_open_a_gate_that_times_nothing_gets_the_cache_law() -> None:
+    # Started open, the law closes only on the agents' timing: without any (an interval
+    # with no busy share measured), it must not stay open for ever.
+    p = AIMD()
+    start = tick(0.0, None, busy=None, live=4, queued=0, working_set=2.0)
+    first = p.decide(dataclasses.replace(start, interval_s=None))  # the first tick
+    assert first.window is None
+    p.decide(tick(1.0, None, busy=None, live=4, queued=6, working_set=2.0))
+    assert p.load.mode is Mode.RESIDENT
+    d = p.decide(tick(2.0, p.window, busy=None, live=4, queued=6, working_set=2.0))
+    assert d.window is not None and d.window < 4
 
 
 def test_idle_is_not_judged_before_an_agent_cycle_was_seen() -> None:
@@ -261,9 +280,63 @@ def test_idle_is_not_judged_before_an_agent_cycle_was_seen() -> None:
 def test_the_quiet_before_a_swarm_does_not_count_as_an_idle_engine() -> None:
     # A sidecar waits an hour with no agent; then a swarm saturates the engine. (A short
     # dwell, so that an average still holding the quiet would open within it.)
-    p = AIMD(AIMDParams(initial_window=4, open_dwell=0.5, open_dwell_cycles=0.5))
+    p = AIMD(AIMDParams(initial_window=4, open_dwell=0.5, open_dwell_cycles=0.5, start_open=False))
     for t in range(3600):
         p.decide(tick(float(t), p.window, busy=0.0, live=0, working_set=0.0, completed=0))
     for t in range(3600, 3630):
         d = p.decide(tick(float(t), p.window, busy=1.0, live=4, queued=12))
         assert p.load.mode is Mode.RESIDENT and d.window is not None
+
+
+def bound(now: float, *, live: int = 16, latency: float = 4.0, tool: float = 1.0) -> Observation:
+    """A tick of an open swarm whose working set is 2.5x the cache, its agents spending
+    ``latency`` s in the engine per ``tool`` s of tool call."""
+    obs = tick(now, None, busy=1.0, live=live, working_set=2.5)
+    return dataclasses.replace(obs, latency_s=latency, tool_s=tool)
+
+
+def test_it_starts_open_and_stays_open_while_the_agents_mostly_work_in_tools() -> None:
+    p = AIMD()
+    assert p.initial_window() is None and p.load.mode is Mode.OPEN
+    # The cache is 2.5x over and the engine always busy, but the agents spend 40% of their
+    # cycle in it: holding them back would idle it, the cache law's 1.6x loss.
+    for t in range(120):
+        d = p.decide(bound(float(t), latency=2.0, tool=3.0))
+        assert (d.window, d.pause, d.reason) == (None, False, "open")
+    # Without the engine-aware part, or told to, it starts resident at its initial window.
+    assert AIMD(AIMDParams(engine_aware=False)).initial_window() == 8
+    assert AIMD(AIMDParams(start_open=False)).initial_window() == 8
+
+
+def test_open_closes_once_the_agents_wait_on_the_engine_for_a_cycle() -> None:
+    p = AIMD(AIMDParams(decrease_cooldown=0.0))
+    # 4 s in the engine per 1 s of tool call: a share of 0.8, over share_high (0.75).
+    # The cycle is 5 s: the share must stay over for one, from the first tick.
+    for t in range(5):
+        d = p.decide(bound(float(t)))
+        assert d.window is None, t
+    d = p.decide(bound(5.0))
+    assert p.load.mode is Mode.RESIDENT and p.load.backoff == 2.0
+    # Closed in from the 16 agents running, and down to the working set that fits.
+    assert d.window is not None and d.window < 16 and d.pause is True
+
+
+def test_a_short_spell_of_waiting_or_an_uncongested_cache_keeps_it_open() -> None:
+    p = AIMD()
+    for t in range(60):  # over the share for 3 s of every 10: never for a whole cycle
+        slow = t % 10 < 3
+        d = p.decide(bound(float(t), latency=4.0 if slow else 1.0, tool=1.0 if slow else 3.0))
+        assert d.window is None, t
+    q = AIMD()
+    for t in range(60):  # waiting on the engine, but the working set fits: nothing to save
+        obs = dataclasses.replace(bound(float(t)), live_tokens=CAP // 2)
+        assert q.decide(obs).window is None
+
+
+def test_a_retune_keeps_the_mode_it_finds() -> None:
+    p = AIMD()
+    assert p.resume_from(None, live=12) is None and p.load.mode is Mode.OPEN
+    q = AIMD()
+    assert q.resume_from(6, live=12) == 6 and q.load.mode is Mode.RESIDENT
+    r = AIMD(AIMDParams(start_open=False))
+    assert r.resume_from(None, live=12) == 12 and r.load.mode is Mode.RESIDENT

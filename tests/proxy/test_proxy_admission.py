@@ -74,6 +74,7 @@ async def test_high_kv_usage_shrinks_window_admitted_agents_continue(
         **{
             "policy.name": "aimd",
             "policy.aimd.initial_window": 4,
+            "policy.aimd.start_open": False,
             "policy.aimd.decrease_cooldown": 0,
             "policy.aimd.pause": False,
         }
@@ -109,6 +110,7 @@ async def test_paused_agent_waits_at_its_next_step(start_concur: Start, fake: Fa
         **{
             "policy.name": "aimd",
             "policy.aimd.initial_window": 2,
+            "policy.aimd.start_open": False,
             "policy.aimd.decrease_cooldown": 0,
         }
     )

@@ -78,6 +78,7 @@ async def test_window_changes_are_counted(start_concur: Start, fake: FakeVLLM) -
         **{
             "policy.name": "aimd",
             "policy.aimd.initial_window": 8,
+            "policy.aimd.start_open": False,
             "policy.aimd.decrease_cooldown": 0,
         }
     )

@@ -124,6 +124,34 @@ def test_the_text_follows_the_data_when_concur_held_nobody_back_or_lost() -> Non
     )
 
 
+def test_the_text_says_when_the_law_started_open_and_why_it_closed() -> None:
+    policy = {**AIMD, "start_open": True, "share_high": 0.75}
+    closed = [
+        _c(0, None, 6, decision="open"),
+        _c(4, None, 6, decision="open"),
+        _c(5, 3, 3, paused=3, decision="decrease:pressure"),
+        _c(9, None, 6, decision="open"),
+        _c(11, 3, 3, paused=3, decision="hold"),
+        _c(12, 3, 0),
+    ]
+    record = controlled(closed)
+    record.proxy_status = {"policy": policy, "active": 0, "queued": 0}
+    text = story(direct(), record)
+    assert "It started open (no limit, nobody held back, shaded in the plot)" in text
+    assert (
+        "At 5 s it closed in: the cache was congested and the agents had spent more than 75%"
+        in text
+    )
+    assert "For 2 s it was open again (no limit, nobody paused" in text
+    assert "At the start it let" not in text
+    stayed = [_c(0, None, 6, decision="open"), _c(10, None, 6, decision="open")]
+    record = controlled(stayed)
+    record.proxy_status = {"policy": policy, "active": 0, "queued": 0}
+    text = story(direct(), record)
+    assert "It stayed open: the agents never waited on the engine for most of a cycle" in text
+    assert "it was open again" not in text and "It never held an agent back" not in text
+
+
 def test_timelines_of_both_runs() -> None:
     tl = timeline(controlled())
     assert tl.controlled and tl.window == [2, 4, 2, None, None, 3, 3]
@@ -170,5 +198,26 @@ def test_the_picture_draws_both_runs_agents_window_and_no_limit() -> None:
         legend = {t.get_text() for t in fig.legends[0].get_texts()}
         assert {LABELS[k] for k in ("live", "paused", "queued", "window", "open")} <= legend
         assert LABELS["no control"] in legend
+    finally:
+        plt.close(fig)
+
+
+def test_the_picture_says_when_the_law_started_open_and_closed_in() -> None:
+    import matplotlib.pyplot as plt
+
+    samples = [
+        _c(0, None, 6, decision="open"),
+        _c(4, None, 6, decision="open"),
+        _c(5, 3, 3, paused=3, decision="decrease:pressure"),
+        _c(9, 3, 0),
+    ]
+    fig = figure(direct(), controlled(samples), "title")
+    try:
+        concur = fig.axes[1]
+        texts = [t.get_text() for t in concur.texts]
+        assert any("open from the start; closed in at 5 s" in t for t in texts), texts
+        assert not any("admitted at once" in t for t in texts)
+        (span,) = [p for p in concur.patches if p.get_label() == LABELS["open"]]
+        assert (span.get_x(), span.get_width()) == (0, 5)
     finally:
         plt.close(fig)

@@ -230,7 +230,9 @@ async def test_a_swarm_that_overflows_the_cache_is_held_and_frees_every_slot(
     start_concur: StartConcur,
 ) -> None:
     # 6 agents whose contexts grow to ~2,600-3,400 tokens each: together ~2.2x the
-    # 8,192-token cache, so the default policy must keep some of them waiting.
+    # 8,192-token cache, so the cache law (the default started resident) must keep some
+    # of them waiting. (The default itself starts open, and a swarm of three steps an
+    # agent ends before it has seen the agents wait on the engine for a whole cycle.)
     trace = generate(
         "tiny",
         3,
@@ -243,7 +245,13 @@ async def test_a_swarm_that_overflows_the_cache_is_held_and_frees_every_slot(
         arrival="burst",
         tool_latency_median_s=0.3,
     )
-    proxy = await start_concur(**{"control.interval": 0.25, "engine.poll_interval": 0.1})
+    proxy = await start_concur(
+        **{
+            "control.interval": 0.25,
+            "engine.poll_interval": 0.1,
+            "policy.aimd.start_open": False,
+        }
+    )
     rt = runtime(proxy)
     waiting: list[int] = []
 
