@@ -262,14 +262,15 @@ def measure(url: str, repeats: int) -> dict[str, Any]:
         prefills = prefill_series(http, url, repeats)
         decodes = decode_series(http, url, repeats)
     coef = fit(prefills, decodes)
+    kept = batched(decodes)
     for d in decodes:
-        if d not in batched(decodes):
+        if d not in kept:
             print(
                 f"  left out of the fit: {d.streams} streams over {d.context}-token contexts "
                 "ran one after another (the client's step is theirs added up)",
                 flush=True,
             )
-    a, y = design(prefills, batched(decodes))
+    a, y = design(prefills, kept)
     pred = a @ np.array([coef[k] for k in ENGINE_TERMS])
     print("\nfit: " + ", ".join(f"{k}={v:.4g}" for k, v in coef.items()))
     errors = np.abs(pred / y - 1.0)

@@ -70,6 +70,13 @@ class Ewma:
         return self.value
 
 
+def _streak(holds: bool, since: float | None, now: float) -> float | None:
+    """Since when a condition has held without a break (``None`` while it does not)."""
+    if not holds:
+        return None
+    return now if since is None else since
+
+
 @dataclass(slots=True)
 class EngineLoad:
     """The agents' pace, the engine's busy share and the mode they imply."""
@@ -158,10 +165,8 @@ class EngineLoad:
         dwell = self.dwell()
         if self.mode is Mode.OPEN:
             share = self.share.value
-            if not (congested and share is not None and share > self.share_high):
-                self.bound_since = None
-            elif self.bound_since is None:
-                self.bound_since = now
+            bound = congested and share is not None and share > self.share_high
+            self.bound_since = _streak(bound, self.bound_since, now)
             if self.bound_since is not None and now - self.bound_since >= self.dwell(1.0):
                 # For an agent cycle the agents waited on the engine more than they worked:
                 # the engine is the bottleneck, and misses take from useful work.
@@ -183,10 +188,7 @@ class EngineLoad:
             and self.busy.value is not None
             and self.busy.value < self.busy_low
         )
-        if not idle:
-            self.idle_since = None
-        elif self.idle_since is None:
-            self.idle_since = now
+        self.idle_since = _streak(idle, self.idle_since, now)
         # Held back, or about to be (congested): an engine idle for a dwell already opens
         # at once, before anyone is paused for nothing.
         if (

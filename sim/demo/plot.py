@@ -102,31 +102,31 @@ def _agents(ax: Axes, tl: Timeline, initial: int | None) -> None:
             else "open from the start to the end:\nthe agents never waited on the engine for long"
         )
         xy = (opened[1], tl.window[i] or 0) if i is not None else (opened[0], 0)
-        ax.annotate(
-            text,
-            xy=xy,
-            xytext=(0.98, 0.96),
-            textcoords="axes fraction",
-            ha="right",
-            va="top",
-            fontsize=8,
-            arrowprops={"arrowstyle": "->", "lw": 0.8},
-        )
+        _note(ax, text, xy)
         return
     jump = start_jump(tl, initial) if initial is not None else None
     if jump is not None:
         at, window, live_now = jump
-        ax.annotate(
+        _note(
+            ax,
             f"window {initial} → {window}: {live_now} agents admitted at once\n"
             "(their first contexts fit the cache; paused later as they grow)",
-            xy=(at, window),
-            xytext=(0.98, 0.96),
-            textcoords="axes fraction",
-            ha="right",
-            va="top",
-            fontsize=8,
-            arrowprops={"arrowstyle": "->", "lw": 0.8},
+            (at, window),
         )
+
+
+def _note(ax: Axes, text: str, xy: tuple[float, float]) -> None:
+    """What the law did at the start, in the top right corner, pointing at ``xy``."""
+    ax.annotate(
+        text,
+        xy=xy,
+        xytext=(0.98, 0.96),
+        textcoords="axes fraction",
+        ha="right",
+        va="top",
+        fontsize=8,
+        arrowprops={"arrowstyle": "->", "lw": 0.8},
+    )
 
 
 def _series(ax: Axes, run: RunRecord, key: str) -> None:

@@ -161,10 +161,7 @@ def start_open_span(tl: Timeline) -> tuple[float, float] | None:
     return None
 
 
-def _started_open(tl: Timeline, policy: dict[str, Any]) -> str | None:
-    span = start_open_span(tl)
-    if span is None:
-        return None
+def _started_open(tl: Timeline, span: tuple[float, float], policy: dict[str, Any]) -> str:
     text = (
         "It started open (no limit, nobody held back, shaded in the plot): nothing said "
         "yet that the engine was the bottleneck, and an agent held back at the start is "
@@ -184,11 +181,13 @@ def _started_open(tl: Timeline, policy: dict[str, Any]) -> str | None:
     )
 
 
-def _start(tl: Timeline, policy: dict[str, Any], agents: int) -> str | None:
-    """How the law started: open, or how far the window opened and why."""
-    opened = _started_open(tl, policy)
+def _start(
+    tl: Timeline, policy: dict[str, Any], agents: int, opened: tuple[float, float] | None
+) -> str | None:
+    """How the law started: open (``opened``, its first span), or how far the window
+    opened and why."""
     if opened is not None:
-        return opened
+        return _started_open(tl, opened, policy)
     initial = policy.get("initial_window")
     jump = start_jump(tl, initial) if isinstance(initial, int) else None
     if jump is None:
@@ -235,10 +234,10 @@ def story(direct: RunRecord, controlled: RunRecord) -> str:
     policy = (controlled.proxy_status or {}).get("policy") or {}
     agents = int(controlled.swarm.get("agents", 0)) or max(tl.live, default=0)
     parts = [_outcome(direct, controlled)]
-    start = _start(tl, policy, agents)
+    first = start_open_span(tl)
+    start = _start(tl, policy, agents, first)
     if start:
         parts.append(start)
-    first = start_open_span(tl)
     if held.most or first is None:  # (open throughout: the start's text said it all)
         parts.append(_held(held, agents))
     reopened = held.open_s - (first[1] - first[0] if first else 0.0)
