@@ -24,7 +24,11 @@ nothing says the engine is the bottleneck, and an agent held back at the start i
 for its whole life. Open, it closes when the cache is congested and the agents spend
 more than ``share_high`` of their cycle waiting on the engine (their requests' time over
 request plus tool call, averaged over a cycle) for a whole agent cycle: the engine is then
-the bottleneck, and every prefix it recomputes is taken from useful work.
+the bottleneck, and every prefix it recomputes is taken from useful work. The first reading
+of the share is itself one whole cycle of the agents that report it, so when it is already
+over ``share_high`` the cycle has been seen: a swarm that overflows the cache from its
+first step (every agent queued behind one prefill backlog) closes at its first reading,
+while a start burst that clears quickly reads low and stays open.
 
 Resident, it opens when agents are held back (or the cache is congested, so they are
 about to be) after the engine has stayed under ``busy_low`` for a dwell of
@@ -98,6 +102,7 @@ class EngineLoad:
     bound_since: float | None = None
     """Since when, open, the agents' engine share has stayed over ``share_high`` with the
     cache congested."""
+    first_share_at: float | None = None
     resident_rate: float | None = None
     """Requests completed per second resident, over the dwell before it last opened."""
     completions: deque[tuple[float, int, int]] = field(default_factory=deque)
@@ -134,6 +139,10 @@ class EngineLoad:
         if not interval_s or busy is None:
             return
         if latency_s is not None and tool_s is not None and latency_s + tool_s > 0:
+            if self.share.value is None:
+                # A first reading is one whole cycle of the agents' (a request and the tool
+                # call after it): it has held since that cycle began.
+                self.first_share_at = now - (latency_s + tool_s)
             self.cycle.add(latency_s + tool_s, interval_s, max(1.0, self.cycle.value or 1.0))
             tau = max(1.0, self.cycle.value or 1.0)
             self.share.add(latency_s / (latency_s + tool_s), interval_s, tau)
@@ -167,6 +176,9 @@ class EngineLoad:
             share = self.share.value
             bound = congested and share is not None and share > self.share_high
             self.bound_since = _streak(bound, self.bound_since, now)
+            if self.bound_since is not None and self.first_share_at is not None:
+                self.bound_since = min(self.bound_since, self.first_share_at)
+            self.first_share_at = None
             if self.bound_since is not None and now - self.bound_since >= self.dwell(1.0):
                 # For an agent cycle the agents waited on the engine more than they worked:
                 # the engine is the bottleneck, and misses take from useful work.
@@ -203,7 +215,7 @@ class EngineLoad:
     def _switch(self, mode: Mode, now: float) -> None:
         self.mode = mode
         self.since = now
-        self.idle_since = self.bound_since = None
+        self.idle_since = self.bound_since = self.first_share_at = None
         self.judged = False
         # The other mode's load says nothing about this one.
         self.busy, self.share = Ewma(), Ewma()

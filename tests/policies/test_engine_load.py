@@ -310,21 +310,46 @@ def test_it_starts_open_and_stays_open_while_the_agents_mostly_work_in_tools() -
 
 def test_open_closes_once_the_agents_wait_on_the_engine_for_a_cycle() -> None:
     p = AIMD(AIMDParams(decrease_cooldown=0.0))
-    # 4 s in the engine per 1 s of tool call: a share of 0.8, over share_high (0.75).
-    # The cycle is 5 s: the share must stay over for one, from the first tick.
-    for t in range(5):
+    # The agents first work mostly in tools (1 s in the engine per 3 s of tool call) ...
+    for t in range(10):
+        assert p.decide(bound(float(t), latency=1.0, tool=3.0)).window is None, t
+    # ... then spend 4 s in it per 1 s of tool call: the share climbs over share_high
+    # (0.75) and must stay over for one cycle (about 5 s) before the law closes.
+    closed = None
+    for t in range(10, 40):
         d = p.decide(bound(float(t)))
-        assert d.window is None, t
-    d = p.decide(bound(5.0))
+        if d.window is not None:
+            closed = t
+            break
+    assert closed is not None and closed >= 10 + 5, closed
     assert p.load.mode is Mode.RESIDENT and p.load.backoff == 2.0
     # Closed in from the 16 agents running, and down to the working set that fits.
     assert d.window is not None and d.window < 16 and d.pause is True
 
 
+def test_a_first_reading_over_the_share_is_a_whole_cycle_already() -> None:
+    # Every agent queued behind one prefill backlog: the first request back took 20 s,
+    # its tool call 1 s. That reading is one whole cycle of waiting on the engine, so
+    # the law closes on it instead of waiting one more (now 21 s long) cycle.
+    p = AIMD(AIMDParams(decrease_cooldown=0.0))
+    for t in range(20):  # nothing has come back yet
+        obs = tick(float(t), None, busy=1.0, live=16, working_set=2.5, completed=0)
+        obs = dataclasses.replace(obs, latency_s=None, tool_s=None)
+        assert p.decide(obs).window is None, t
+    d = p.decide(bound(20.0, latency=20.0, tool=1.0))
+    assert p.load.mode is Mode.RESIDENT and d.window is not None and d.window < 16
+    # A first reading under the share (a start burst that cleared quickly) dates nothing
+    # back: the law stays open until the share has held over it for a cycle of its own.
+    q = AIMD()
+    q.decide(bound(20.0, latency=1.0, tool=3.0))
+    assert q.load.mode is Mode.OPEN
+    assert q.decide(bound(21.0, latency=4.0, tool=1.0)).window is None
+
+
 def test_a_short_spell_of_waiting_or_an_uncongested_cache_keeps_it_open() -> None:
     p = AIMD()
     for t in range(60):  # over the share for 3 s of every 10: never for a whole cycle
-        slow = t % 10 < 3
+        slow = t % 10 >= 7
         d = p.decide(bound(float(t), latency=4.0 if slow else 1.0, tool=1.0 if slow else 3.0))
         assert d.window is None, t
     q = AIMD()
