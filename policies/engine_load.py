@@ -103,6 +103,8 @@ class EngineLoad:
     """Since when, open, the agents' engine share has stayed over ``share_high`` with the
     cache congested."""
     first_share_at: float | None = None
+    """When the cycle behind the first reading of the share began: set by that reading, for
+    the step of the same tick (which dates a streak back to it), then cleared."""
     resident_rate: float | None = None
     """Requests completed per second resident, over the dwell before it last opened."""
     completions: deque[tuple[float, int, int]] = field(default_factory=deque)
@@ -172,13 +174,13 @@ class EngineLoad:
         ``congested``: the cache is over its threshold."""
         assert self.busy is not None and self.share is not None
         dwell = self.dwell()
+        first, self.first_share_at = self.first_share_at, None
         if self.mode is Mode.OPEN:
             share = self.share.value
             bound = congested and share is not None and share > self.share_high
             self.bound_since = _streak(bound, self.bound_since, now)
-            if self.bound_since is not None and self.first_share_at is not None:
-                self.bound_since = min(self.bound_since, self.first_share_at)
-            self.first_share_at = None
+            if self.bound_since is not None and first is not None:
+                self.bound_since = min(self.bound_since, first)
             if self.bound_since is not None and now - self.bound_since >= self.dwell(1.0):
                 # For an agent cycle the agents waited on the engine more than they worked:
                 # the engine is the bottleneck, and misses take from useful work.
