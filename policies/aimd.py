@@ -185,13 +185,13 @@ class AIMD:
         policy's bounds, resident; after no limit, open if this policy starts open, else
         the agents running."""
         prm = self.params
-        if window is None and self.load.mode is Mode.OPEN:
-            self.window = min(prm.max_window, max(prm.min_window, live))
-            return None  # open before, open now: the evidence to close comes as it did
-        self.load.mode = Mode.RESIDENT
+        # Open before, open now: the evidence to close comes as it did.
+        stays_open = window is None and self.load.mode is Mode.OPEN
+        if not stays_open:
+            self.load.mode = Mode.RESIDENT
         seed = window if window is not None else live
         self.window = min(prm.max_window, max(prm.min_window, seed))
-        return self.window
+        return None if stays_open else self.window
 
     def _congested(self, p: float | None, obs: Observation) -> tuple[bool, str]:
         prm = self.params

@@ -74,11 +74,12 @@ class Ewma:
         return self.value
 
 
-def _streak(holds: bool, since: float | None, now: float) -> float | None:
-    """Since when a condition has held without a break (``None`` while it does not)."""
+def _streak(holds: bool, since: float | None, start: float) -> float | None:
+    """Since when a condition has held without a break (``None`` while it does not):
+    ``since`` while it goes on, ``start`` when it begins."""
     if not holds:
         return None
-    return now if since is None else since
+    return start if since is None else since
 
 
 @dataclass(slots=True)
@@ -178,9 +179,8 @@ class EngineLoad:
         if self.mode is Mode.OPEN:
             share = self.share.value
             bound = congested and share is not None and share > self.share_high
-            self.bound_since = _streak(bound, self.bound_since, now)
-            if self.bound_since is not None and first is not None:
-                self.bound_since = min(self.bound_since, first)
+            # A streak that begins with the first reading began with the cycle behind it.
+            self.bound_since = _streak(bound, self.bound_since, now if first is None else first)
             if self.bound_since is not None and now - self.bound_since >= self.dwell(1.0):
                 # For an agent cycle the agents waited on the engine more than they worked:
                 # the engine is the bottleneck, and misses take from useful work.
@@ -217,7 +217,7 @@ class EngineLoad:
     def _switch(self, mode: Mode, now: float) -> None:
         self.mode = mode
         self.since = now
-        self.idle_since = self.bound_since = self.first_share_at = None
+        self.idle_since = self.bound_since = None
         self.judged = False
         # The other mode's load says nothing about this one.
         self.busy, self.share = Ewma(), Ewma()
