@@ -19,6 +19,11 @@ speed 1 through one front:
   --backend-type vllm``; the swarm adds ``program_id`` to each body and releases the
   program when the agent ends.
 
+vLLM runs with ``--scheduling-policy priority`` (``--scheduling-policy fcfs``: its
+default): concur stamps each agent step with the steps its agent has done
+(``admission.engine_priority``), which that scheduler serves lowest first; the other
+fronts send no priority, and a scheduler that sees none serves first come first served.
+
 Cold engine per run: before each run vLLM's prefix cache is emptied with
 ``POST /reset_prefix_cache`` (dev mode), which frees every cached block; nothing
 else of a finished run stays in the engine (no request is left running, counters
@@ -117,6 +122,8 @@ class Run:
     wall_s: float = 0.0
     pace: float = 1.0
     """The factor the trace's tool pauses and arrival times were multiplied by."""
+    scheduler: str = "fcfs"
+    """vLLM's ``--scheduling-policy`` (runs before 2026-12-07 17:00 UTC: fcfs)."""
 
 
 # ---------------------------------------------------------------- engine metrics
@@ -641,7 +648,11 @@ def measure(
         if args.engine == "sim":
             server = SimEngine(sup, args.kv_blocks * 128).start()
         else:
-            config = VllmServerConfig(model=make_model(), kv_blocks=args.kv_blocks)
+            config = VllmServerConfig(
+                model=make_model(),
+                kv_blocks=args.kv_blocks,
+                scheduling_policy=args.scheduling_policy,
+            )
             server = VllmServer(config, log_path=args.out / "vllm.log").start()
             print(f"  {pin_away_from_the_model(server.child.pid)}", flush=True)
             if args.calibrate:
@@ -678,6 +689,8 @@ def measure(
                             fronts.upstream = server.url
                         run = one_run(server, fronts, trace, regime, policy, k)
                         run.pace = args.pace
+                        if isinstance(server, VllmServer):
+                            run.scheduler = server.config.scheduling_policy
                         runs.append(run)
                         print(
                             f"  {regime:<13} {policy:<14} #{k}  makespan {run.makespan_s:7.1f} s"
@@ -738,6 +751,14 @@ def main() -> int:
         help="multiply tool pauses and arrival times by FACTOR; auto: by how much slower "
         "than cpu-tiny's fit this engine prefills (the probe printed first), at least 1",
     )
+    ap.add_argument(
+        "--scheduling-policy",
+        choices=("priority", "fcfs"),
+        default="priority",
+        help="vLLM's scheduler for every front (default priority: concur's agent steps carry "
+        "a priority, fewest steps first; the other fronts send none, which serves them "
+        "first come first served)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/real-engine"))
     ap.add_argument(
         "--report",
@@ -776,6 +797,7 @@ def main() -> int:
         started = datetime.fromtimestamp(args.report.stat().st_mtime, UTC)
         repeats = max((r.repeat + 1 for r in runs), default=0)
         args.pace = runs[0].pace if runs else 1.0
+        args.scheduling_policy = runs[0].scheduler if runs else "fcfs"
     else:
         if args.thunderagent is not None and "thunderagent" not in policies:
             policies.append("thunderagent")
@@ -789,7 +811,9 @@ def main() -> int:
         repeats = args.repeats
     lines = [
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()} ({platform.node()}), "
-        f"{ENGINES[args.engine]}, KV cache {args.kv_blocks * 128:,} tokens, "
+        f"{ENGINES[args.engine]}"
+        + (f" (--scheduling-policy {args.scheduling_policy})" if args.engine == "vllm" else "")
+        + f", KV cache {args.kv_blocks * 128:,} tokens, "
         f"{repeats} repeats, load at the end {loadavg()}"
         + (f", tool pauses and arrivals x{args.pace:g}." if args.pace != 1.0 else "."),
         "",

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from concur import logs
+from concur import _priority, logs
 from concur._errors import openai_error
 from concur.identity import IdentityError, IdentityExtractor, IdentitySource
 from concur.usage import (
@@ -45,6 +45,8 @@ class Step:
     context_tokens: int = 0
     strip_usage: bool = False
     """``include_usage`` was injected: the relay drops the usage-only chunk."""
+    prioritize: bool = False
+    """Stamp the engine-side priority once granted (:mod:`concur._priority`)."""
 
 
 class BodyTooLarge(Exception):
@@ -68,12 +70,15 @@ class Inspector:
         done_header: str,
         gated_paths: frozenset[str],
         max_body_bytes: int,
+        priority: bool = False,
     ) -> None:
         self.identity = IdentityExtractor(identity, max_identity_bytes)
         self.anonymous = anonymous
         self.done_header = done_header
         self.gated_paths = gated_paths
         self.max_body_bytes = max_body_bytes
+        self.priority = priority
+        """Stamp agent steps with the engine-side priority (:mod:`concur._priority`)."""
 
     # ------------------------------------------------------------------ body
 
@@ -123,24 +128,26 @@ class Inspector:
 
         The body is parsed only when it is JSON and an identity source reads it or the
         request may stream (stream_options injection); else the estimate comes from
-        its size. Nothing of the parsed body outlives this call: a request held at the
-        gate keeps only the bytes it will send. Raises :class:`IdentityError`.
+        its size. Whether the step may carry an engine-side priority is decided here
+        (:mod:`concur._priority`), its value once granted. Nothing of the parsed body
+        outlives this call: a request held at the gate keeps only the bytes it will send.
+        Raises :class:`IdentityError`.
         """
         headers = request.headers
         parsed: dict[str, Any] | None = None
-        if (
-            body
-            and (self.identity.needs_body or b'"stream"' in body)
-            and (
-                headers.get("Content-Type") == "application/json" or _is_json(request.content_type)
-            )
-        ):
+        json_body = bool(body) and (
+            headers.get("Content-Type") == "application/json" or _is_json(request.content_type)
+        )
+        unreadable = False  # parsed, and not a JSON object: it goes as it came
+        if json_body and (self.identity.needs_body or b'"stream"' in body):
             try:
                 obj = loads(body)
             except (ValueError, RecursionError):  # RecursionError: nested absurdly deep
                 obj = None  # the engine will say what is wrong with it
             if isinstance(obj, dict):
                 parsed = obj
+            else:
+                unreadable = True
         step = Step()
         found = self.identity.extract(headers, parsed)
         if found is not None:
@@ -154,6 +161,14 @@ class Inspector:
             done = headers.get(self.done_header)
             step.done = done is not None and done.strip().lower() in _TRUE
         step.context_tokens = len(body) // 4
+        step.prioritize = (
+            self.priority
+            and json_body
+            and not unreadable
+            and not step.anonymous
+            and step.agent_id is not None
+            and _priority.may_stamp(body, parsed)
+        )
         if parsed is None:
             return step, body
         try:
@@ -163,7 +178,7 @@ class Inspector:
                 body = encode_with_include_usage(body, parsed, had_options=had_options)
                 step.strip_usage = True
         except RecursionError:  # too deep to walk or re-encode: forward it as it came
-            pass
+            step.prioritize = False
         return step, body
 
     def bad_identity(self, exc: IdentityError, rid: str) -> web.Response:

@@ -11,7 +11,8 @@ queued.
 1. **inspect** (``concur._inspect``): read the body; for a step, find its agent, its
    done marker and a prompt estimate, and inject ``stream_options.include_usage``;
 2. **admit** (``concur._admit``): wait at the gate for a :class:`~concur.Permit`,
-   which travels with the request and is released on every path;
+   which travels with the request and is released on every path; once granted, a
+   step gets its engine-side priority (``concur._priority``);
 3. **forward** (``concur._forward``): send it upstream under the upstream timeouts;
 4. **relay** (``concur._relay``): stream the response back, reading the engine's
    usage on the way and cutting off a client that stopped reading.
@@ -30,13 +31,14 @@ from typing import Literal
 
 from aiohttp import web
 
+from concur import _priority
 from concur._admit import Permit, refusal
 from concur._budget import ByteBudget, header_agent, new_agent
 from concur._forward import Forwarder
 from concur._inspect import GATED_PATHS, BodyTooLarge, Inspector, Step
 from concur._relay import REQUEST_ID_HEADER, Relayer
 from concur.admission import AdmissionError, AdmissionGate
-from concur.config import AdmissionSettings, ServerSettings, UpstreamSettings
+from concur.config import AdmissionSettings, EngineSettings, ServerSettings, UpstreamSettings
 from concur.identity import DEFAULT_SOURCES, IdentityError, IdentitySource
 from concur.metrics import ConcurMetrics
 from concur.upstream import Framing, Upstream
@@ -48,6 +50,7 @@ __all__ = ["GATED_PATHS", "REQUEST_ID_HEADER", "Proxy", "ProxyOptions", "Request
 _UPSTREAM_DEFAULTS = UpstreamSettings()
 _SERVER_DEFAULTS = ServerSettings()
 _ADMISSION_DEFAULTS = AdmissionSettings()
+_ENGINE_DEFAULTS = EngineSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,11 @@ class ProxyOptions:
     """Seconds an upstream connection may stay idle (``upstream.keepalive``)."""
     max_connections: int = _UPSTREAM_DEFAULTS.max_connections
     """Cap on open upstream connections (``upstream.max_connections``)."""
+    engine_priority: bool = _priority.enabled(
+        _ADMISSION_DEFAULTS.engine_priority, _ENGINE_DEFAULTS.kind
+    )
+    """Stamp agent steps with the engine-side priority, fewest steps first
+    (``admission.engine_priority``; :mod:`concur._priority`)."""
 
 
 class RequestIds:
@@ -115,6 +123,7 @@ class Proxy:
             done_header=options.done_header,
             gated_paths=options.gated_paths,
             max_body_bytes=options.max_body_bytes,
+            priority=options.engine_priority,
         )
         self.relayer = Relayer(options.send_timeout)
         self.forwarder = Forwarder(
@@ -184,6 +193,8 @@ class Proxy:
                 async with Permit(
                     self.gate, agent_id, context_tokens=step.context_tokens, done=step.done
                 ) as ticket:
+                    if step.prioritize and ticket.agent is not None:
+                        body = _priority.stamp(body, ticket.agent.requests)
                     return await forward(request, rid, body, ticket, step)
             except AdmissionError as exc:
                 return refusal(exc, agent_id, rid, self.metrics)

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from concur import logs
+from concur import _priority, logs
 from concur._admin import Admin
 from concur._control_loop import ControlLoop
 from concur._forward import make_upstream
@@ -53,6 +53,7 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         framing=up.framing,
         keepalive=up.keepalive,
         max_connections=up.max_connections,
+        engine_priority=_priority.enabled(adm.engine_priority, settings.engine.kind),
     )
 
 

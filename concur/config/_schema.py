@@ -216,6 +216,13 @@ class AdmissionSettings(_Section):
     """Agents allowed to wait; beyond this a new agent gets 429 at once."""
     max_identity_bytes: int = Field(256, ge=1, le=65536)
     """Longest agent id accepted, in UTF-8 bytes."""
+    engine_priority: Literal["auto", "fewest-steps", "off"] = "auto"
+    """The priority concur writes in each agent step's body for the engine (vLLM's
+    priority field, served lowest first by a vLLM started with --scheduling-policy
+    priority; its default scheduler ignores it). fewest-steps: the steps the agent has
+    done, so a late agent is not queued behind ones far along (the critical path of a
+    staggered swarm); off: none; auto: fewest-steps for engine.kind vllm, off for the
+    others. A request that sets its own priority keeps it."""
 
     @field_validator("identity", mode="before")
     @classmethod

@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from concur.sim.procs import Child, ChildFailed, free_port, spawn, wait_http
 
@@ -126,6 +126,10 @@ class VllmServerConfig:
     """vLLM's CPU default for the OpenAI server, written out so the simulator can match."""
     max_num_batched_tokens: int = 2048
     """vLLM's CPU default: the chunked-prefill token budget of one step."""
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """vLLM's scheduler: first come first served (its default), or by each request's
+    ``priority`` field, lowest first, which concur stamps on agent steps (fewest steps
+    done first: ``admission.engine_priority``)."""
     served_model_name: str = "concur-tiny"
     host: str = "127.0.0.1"
     port: int = 0
@@ -176,6 +180,8 @@ class VllmServerConfig:
             str(self.max_num_seqs),
             "--max-num-batched-tokens",
             str(self.max_num_batched_tokens),
+            "--scheduling-policy",
+            self.scheduling_policy,
             "--enable-prefix-caching",
             "--enable-prompt-tokens-details",
             "--disable-uvicorn-access-log",

@@ -190,6 +190,31 @@ async def test_vllm_errors_pass_through_as_vllm_wrote_them(
     await wait_for(lambda: gate.active == 0 and gate.queued == 0, what="no slot held")
 
 
+async def test_vllm_first_come_first_served_takes_a_priority_and_ignores_it(
+    vllm_server: VllmServer,
+) -> None:
+    """concur stamps agent steps with a priority by default (``admission.engine_priority``
+    auto, for vLLM): vLLM's default scheduler must take the field, as the priority one does."""
+    assert vllm_server.config.scheduling_policy == "fcfs"
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": filler_text(200, "real-priority")}],
+        "max_tokens": 2,
+    }
+    async with httpx.AsyncClient(trust_env=False, timeout=60.0) as http:
+        for priority in (0, 7):
+            r = await http.post(
+                f"{vllm_server.url}/v1/chat/completions", json={**body, "priority": priority}
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 2
+        # The field is vLLM's, checked as such: not an int is refused.
+        r = await http.post(
+            f"{vllm_server.url}/v1/chat/completions", json={**body, "priority": "high"}
+        )
+        assert r.status_code == 400
+
+
 async def test_the_vllm_adapter_reads_the_live_metrics_page(vllm_server: VllmServer) -> None:
     async with httpx.AsyncClient(trust_env=False, timeout=60.0) as http:
         before = parse((await http.get(f"{vllm_server.url}/metrics")).text, time.monotonic())
