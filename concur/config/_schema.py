@@ -23,6 +23,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from concur._idle import IdleRule
+from concur._priority import EnginePriority
 from concur.config import _checks
 from concur.config._errors import bare
 from concur.config._sources import ENV_DELIMITER, ENV_PREFIX, settings_sources
@@ -216,7 +217,7 @@ class AdmissionSettings(_Section):
     """Agents allowed to wait; beyond this a new agent gets 429 at once."""
     max_identity_bytes: int = Field(256, ge=1, le=65536)
     """Longest agent id accepted, in UTF-8 bytes."""
-    engine_priority: Literal["auto", "fewest-steps", "off"] = "auto"
+    engine_priority: EnginePriority = "auto"
     """The priority concur writes in each agent step's body for the engine (vLLM's
     priority field, served lowest first by a vLLM started with --scheduling-policy
     priority; its default scheduler ignores it). fewest-steps: the steps the agent has
