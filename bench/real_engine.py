@@ -123,7 +123,7 @@ class Run:
     pace: float = 1.0
     """The factor the trace's tool pauses and arrival times were multiplied by."""
     scheduler: str = "fcfs"
-    """vLLM's ``--scheduling-policy`` (runs before 2026-12-07 17:00 UTC: fcfs)."""
+    """vLLM's ``--scheduling-policy`` (a runs.json written before this field: fcfs)."""
 
 
 # ---------------------------------------------------------------- engine metrics

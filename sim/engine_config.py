@@ -49,8 +49,7 @@ PRESETS: Mapping[str, EnginePreset] = MappingProxyType(
             # 2.5-7.4% of every regime's real runs) at the speed of the 06:40 fit, which the
             # regimes were set on and ``--pace auto`` measures against: every coefficient over
             # 2.336, so a cold prefill of 8,206 tokens, with the request overheads below,
-            # still takes 259 ms. The 06:40 fit had
-            # decode's attention (per_kv_s) 3x too cheap.
+            # still takes 259 ms. The 06:40 fit had decode's attention (per_kv_s) 3x too cheap.
             step_time=MeasuredStepTime(
                 base_s=0.0005258,
                 per_token_s=7.158e-06,
