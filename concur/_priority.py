@@ -13,7 +13,7 @@ same rate, like processor sharing by attained service. A request that sets its o
 ``priority`` keeps it.
 
 The field is spliced in front of the client's own bytes, as the ``stream_options``
-injection is (:func:`concur.usage.encode_with_include_usage`): nothing is re-encoded.
+injection is (:func:`concur.usage.splice_member`): nothing is re-encoded.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from concur.usage import JSON_WHITESPACE, skip_space, splice_member
+
 __all__ = ["EnginePriority", "enabled", "may_stamp", "stamp"]
 
 EnginePriority = Literal["auto", "fewest-steps", "off"]
 
 _KEY = b'"priority"'
-_WHITESPACE = b" \t\r\n"
 
 
 def enabled(setting: EnginePriority, engine_kind: str) -> bool:
@@ -35,14 +36,6 @@ def enabled(setting: EnginePriority, engine_kind: str) -> bool:
     if setting == "auto":
         return engine_kind == "vllm"
     return setting == "fewest-steps"
-
-
-def _skip_space(body: bytes, i: int) -> int:
-    """The index of the first byte at or after ``i`` that is not JSON whitespace."""
-    n = len(body)
-    while i < n and body[i] in _WHITESPACE:
-        i += 1
-    return i
 
 
 def may_stamp(body: bytes, parsed: Mapping[str, Any] | None) -> bool:
@@ -55,15 +48,13 @@ def may_stamp(body: bytes, parsed: Mapping[str, Any] | None) -> bool:
     """
     if parsed is not None:
         return "priority" not in parsed
-    start = _skip_space(body, 0)
-    end = len(body.rstrip(_WHITESPACE)) if body[-1:] in _WHITESPACE else len(body)
+    start = skip_space(body)
+    end = len(body.rstrip(JSON_WHITESPACE)) if body[-1:] in JSON_WHITESPACE else len(body)
     return body[start : start + 1] == b"{" and body[end - 1 : end] == b"}" and _KEY not in body
 
 
 def stamp(body: bytes, priority: int) -> bytes:
     """``body`` (a JSON object, :func:`may_stamp`) with ``"priority": priority`` first."""
-    start = _skip_space(body, 0)
-    first = _skip_space(body, start + 1)
-    empty = body[first : first + 1] == b"}"
-    head = b'%s{"priority":%d%s' % (body[:start], priority, b"" if empty else b",")
-    return b"".join((head, memoryview(body)[start + 1 :]))
+    stamped = splice_member(body, b'"priority":%d' % priority)
+    assert stamped is not None, "stamp() takes what may_stamp() allowed: a JSON object"
+    return stamped

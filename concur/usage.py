@@ -150,24 +150,41 @@ def usage_from_json(body: bytes) -> int | None:
 # ------------------------------------------------------------ stream_options
 
 
-_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
-_OPEN_INCLUDE_USAGE = b"{" + _INCLUDE_USAGE
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
+JSON_WHITESPACE = b" \t\r\n"
+
+
+def skip_space(raw: bytes, i: int = 0) -> int:
+    """The index of the first byte at or after ``i`` that is not JSON whitespace."""
+    n = len(raw)
+    while i < n and raw[i] in JSON_WHITESPACE:
+        i += 1
+    return i
+
+
+def splice_member(raw: bytes, member: bytes) -> bytes | None:
+    """``raw``, the bytes of a JSON object, with ``member`` (``"key":value``) first and
+    every other byte as the client wrote it (nothing re-serialized); ``None`` when
+    ``raw`` does not open an object."""
+    if raw[:1] == b"{":
+        start = 0  # the usual case: no leading whitespace
+    else:
+        start = skip_space(raw)
+        if raw[start : start + 1] != b"{":
+            return None
+    first = skip_space(raw, start + 1)
+    comma = b"" if raw[first : first + 1] == b"}" else b","
+    return b"".join((raw[:start], b"{", member, comma, memoryview(raw)[start + 1 :]))
 
 
 def encode_with_include_usage(raw: bytes, body: Mapping[str, Any], *, had_options: bool) -> bytes:
     """The request body to send after :func:`inject_include_usage` changed ``body``.
 
     When the client sent no ``stream_options``, the member is spliced in front of
-    the client's own bytes (a UTF-8 JSON object), which leaves every other byte as
-    the client wrote it and skips re-serializing; otherwise ``body`` is re-encoded.
+    the client's own bytes (:func:`splice_member`); otherwise ``body`` is re-encoded.
     """
-    if not had_options and body:
-        # ``body`` is non-empty, so a member follows and the comma is right.
-        if raw[:1] == b"{":  # the usual case: no leading whitespace, one copy of the body
-            return b"".join((_OPEN_INCLUDE_USAGE, memoryview(raw)[1:]))
-        start = len(raw) - len(raw.lstrip(b" \t\r\n"))
-        if raw[start : start + 1] == b"{":
-            return raw[: start + 1] + _INCLUDE_USAGE + raw[start + 1 :]
+    if not had_options and (spliced := splice_member(raw, _INCLUDE_USAGE)) is not None:
+        return spliced
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
