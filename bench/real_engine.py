@@ -84,6 +84,7 @@ from concur.sim.engine_config import PRESETS as ENGINE_PRESETS
 from concur.sim.generate import generate, get_shape
 from concur.sim.procs import Child, Supervisor, free_port, wait_http
 from concur.sim.realvllm import VllmServer, VllmServerConfig, make_model
+from concur.sim.scheduler import SchedulingPolicy
 from concur.sim.server.tokenizer import filler_text
 from concur.sim.steptime import MeasuredStepTime
 from concur.sim.swarm.client import SwarmOptions, run_swarm
@@ -145,6 +146,7 @@ def _delta(after: float | None, before: float | None) -> float:
 class SimEngineConfig:
     served_model_name: str
     kv_tokens: int
+    scheduling_policy: SchedulingPolicy = "fcfs"
 
 
 class SimEngine:
@@ -152,15 +154,18 @@ class SimEngine:
     engine, for peers side by side on it (``--engine sim``). Emptying its prefix cache
     restarts it (a fresh process is a cold engine, counters from zero)."""
 
-    def __init__(self, sup: Supervisor, kv_tokens: int) -> None:
+    def __init__(
+        self, sup: Supervisor, kv_tokens: int, scheduling_policy: SchedulingPolicy
+    ) -> None:
         self.sup = sup
-        self.config = SimEngineConfig("concur-sim/cpu-tiny", kv_tokens)
+        self.config = SimEngineConfig("concur-sim/cpu-tiny", kv_tokens, scheduling_policy)
         self.child: Child | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> SimEngine:
         args = ["--preset", "cpu-tiny", "--kv-tokens", str(self.config.kv_tokens)]
+        args += ["--scheduling-policy", self.config.scheduling_policy]
         args += ["--port", str(self.port), "--log-level", "warning"]
         self.child, _ = start_engine(self.sup, "concur-engine", args)
         return self
@@ -486,6 +491,7 @@ def simulate(
     seed: int,
     pace: float,
     jobs: int | None,
+    scheduling_policy: SchedulingPolicy,
     step_time: MeasuredStepTime | None = None,
 ) -> dict:
     """``concur sim`` with the measured preset on the same traces (its step time refitted,
@@ -493,7 +499,9 @@ def simulate(
     from concur.sim.batch import Job, run_jobs
     from concur.sim.engine_config import EngineSpec
 
-    engine = EngineSpec.from_preset("cpu-tiny", step_time=step_time)
+    engine = EngineSpec.from_preset(
+        "cpu-tiny", step_time=step_time, scheduling_policy=scheduling_policy
+    )
     todo = []
     for regime in regimes:
         trace = regime_trace(regime, seed, pace)
@@ -646,7 +654,7 @@ def measure(
     with Supervisor(args.out / "logs") as sup:
         server: Engine
         if args.engine == "sim":
-            server = SimEngine(sup, args.kv_blocks * 128).start()
+            server = SimEngine(sup, args.kv_blocks * 128, args.scheduling_policy).start()
         else:
             config = VllmServerConfig(
                 model=make_model(),
@@ -689,8 +697,7 @@ def measure(
                             fronts.upstream = server.url
                         run = one_run(server, fronts, trace, regime, policy, k)
                         run.pace = args.pace
-                        if isinstance(server, VllmServer):
-                            run.scheduler = server.config.scheduling_policy
+                        run.scheduler = server.config.scheduling_policy
                         runs.append(run)
                         print(
                             f"  {regime:<13} {policy:<14} #{k}  makespan {run.makespan_s:7.1f} s"
@@ -812,7 +819,7 @@ def main() -> int:
     lines = [
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()} ({platform.node()}), "
         f"{ENGINES[args.engine]}"
-        + (f" (--scheduling-policy {args.scheduling_policy})" if args.engine == "vllm" else "")
+        + f" (--scheduling-policy {args.scheduling_policy})"
         + f", KV cache {args.kv_blocks * 128:,} tokens, "
         f"{repeats} repeats, load at the end {loadavg()}"
         + (f", tool pauses and arrivals x{args.pace:g}." if args.pace != 1.0 else "."),
@@ -824,7 +831,8 @@ def main() -> int:
         verdicts += targets(runs, regime)
         plot(runs, regime, args.out / f"window-{regime}.png")
     lines += ["```", *verdicts, "```", ""]
-    sims = simulate(regimes, policies, args.seed, args.pace, args.jobs)
+    sched = args.scheduling_policy
+    sims = simulate(regimes, policies, args.seed, args.pace, args.jobs, sched)
     for regime in regimes:
         lines += fidelity(runs, sims, regime, policies)
     if args.costs is not None:
@@ -832,7 +840,7 @@ def main() -> int:
         # drifts with the VM's host: a stale fit is off by its drift, not by the model).
         costs = json.loads(args.costs.read_text())
         refit = simulate(
-            regimes, policies, args.seed, args.pace, args.jobs, engine_costs.step_time(costs)
+            regimes, policies, args.seed, args.pace, args.jobs, sched, engine_costs.step_time(costs)
         )
         label = f"cpu-tiny, step time refitted {costs.get('measured', args.costs.name)}"
         for regime in regimes:

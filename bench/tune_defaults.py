@@ -5,7 +5,8 @@
 
 Traces: swe-swarm, swe-swarm-staggered, tracelab, chat (Qwen3-32B on 2 x H100, roofline),
 and the three regimes of bench/real_engine.py, tool-bound, engine-bound and staggered, on
-the ``cpu-tiny`` preset (the real engine's measured costs), seed 0 as the benchmark runs them.
+the ``cpu-tiny`` preset (the real engine's measured costs) with vLLM's priority scheduler,
+seed 0, as the benchmark runs them.
 
 For each trace it runs ``unlimited``, a sweep of fixed caps (the best one found
 in hindsight is the bar to meet), the shipped policies and presets, and one-
@@ -100,7 +101,8 @@ def cases(names: list[str]) -> list[Case]:
         elif name == "chat":
             out.append(Case("chat", generate("chat", 0), (16, 32, 64, 128)))
         elif name in REAL_REGIMES:
-            engine = EngineSpec.from_preset("cpu-tiny")
+            # The engine as bench/real_engine.py runs it: vLLM's priority scheduler.
+            engine = EngineSpec.from_preset("cpu-tiny", scheduling_policy="priority")
             out.append(Case(f"{name} (cpu-tiny)", generate(name, 0), (2, 4, 6, 8, 12), engine))
         else:
             raise SystemExit(f"unknown trace {name!r}; choose from {ALL_TRACES}")

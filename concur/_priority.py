@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from concur._gate_model import Agent
 from concur.usage import JSON_WHITESPACE, skip_space, splice_member
 
-__all__ = ["EnginePriority", "enabled", "may_stamp", "stamp"]
+__all__ = ["EnginePriority", "enabled", "may_stamp", "of", "stamp"]
 
 EnginePriority = Literal["auto", "fewest-steps", "off"]
 
@@ -36,6 +37,12 @@ def enabled(setting: EnginePriority, engine_kind: str) -> bool:
     if setting == "auto":
         return engine_kind == "vllm"
     return setting == "fewest-steps"
+
+
+def of(agent: Agent) -> int:
+    """The priority of ``agent``'s next step: the steps it has done (the proxy stamps it;
+    the simulator's runner hands it to its engine)."""
+    return agent.requests
 
 
 def may_stamp(body: bytes, parsed: Mapping[str, Any] | None) -> bool:

@@ -194,7 +194,7 @@ class Proxy:
                     self.gate, agent_id, context_tokens=step.context_tokens, done=step.done
                 ) as ticket:
                     if step.prioritize and ticket.agent is not None:
-                        body = _priority.stamp(body, ticket.agent.requests)
+                        body = _priority.stamp(body, _priority.of(ticket.agent))
                     return await forward(request, rid, body, ticket, step)
             except AdmissionError as exc:
                 return refusal(exc, agent_id, rid, self.metrics)

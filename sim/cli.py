@@ -145,6 +145,16 @@ def engine_args(p: argparse.ArgumentParser, *, choose_engine: bool = True) -> No
             "bench/engine_costs.py)"
         ),
     )
+    p.add_argument(
+        "--scheduling-policy",
+        choices=("fcfs", "priority"),
+        default="fcfs",
+        help=(
+            "vLLM's --scheduling-policy: fcfs (its default) or priority, which serves the "
+            "request with the lowest 'priority' first; concur stamps each agent step with "
+            "the steps its agent has done (admission.engine_priority)"
+        ),
+    )
     if not choose_engine:
         return
     p.add_argument(
@@ -191,6 +201,7 @@ def engine_spec(args: argparse.Namespace) -> Any:
             kv_capacity_tokens=args.kv_tokens,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            scheduling_policy=args.scheduling_policy,
         )
     return EngineSpec(
         model=args.model,
@@ -199,6 +210,7 @@ def engine_spec(args: argparse.Namespace) -> Any:
         kv_capacity_tokens=args.kv_tokens,
         max_num_seqs=args.max_num_seqs or 256,
         max_num_batched_tokens=args.max_num_batched_tokens or 8192,
+        scheduling_policy=args.scheduling_policy,
     )
 
 

@@ -47,6 +47,7 @@ from concur.sim.scheduler import (
     FinishedRequest,
     RequestState,
     Scheduler,
+    SchedulingPolicy,
 )
 from concur.sim.steptime import (
     GpuSpec,
@@ -93,6 +94,9 @@ class EngineConfig:
     """vLLM's scheduler ``watermark``: fraction of blocks kept free at admission."""
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    scheduling_policy: SchedulingPolicy = "fcfs"
+    """vLLM's ``--scheduling-policy``: ``fcfs`` (its default) or ``priority``, which serves
+    and preempts by each request's ``priority`` (see :mod:`concur.sim.scheduler`)."""
     fast_forward: bool = True
     """Let :meth:`EngineModel.step_many` apply runs of pure-decode steps at once
     (same results as stepping one by one; off only to check exactly that)."""
@@ -147,6 +151,7 @@ def engine_config(
     enable_prefix_caching: bool = True,
     overhead_s: float = 0.002,
     max_model_len: int | None = None,
+    scheduling_policy: SchedulingPolicy = "fcfs",
     fast_forward: bool = True,
 ) -> EngineConfig:
     """An engine for ``model`` on ``tp`` x ``gpu``: roofline step time, and KV
@@ -164,6 +169,7 @@ def engine_config(
         watermark=watermark,
         enable_prefix_caching=enable_prefix_caching,
         max_model_len=max_model_len,
+        scheduling_policy=scheduling_policy,
         fast_forward=fast_forward,
     )
 
@@ -252,6 +258,7 @@ class EngineModel:
             watermark=config.watermark,
             enable_prefix_caching=config.enable_prefix_caching,
             max_model_len=config.max_model_len,
+            policy=config.scheduling_policy,
         )
         self._duration = config.step_time.duration
         self._steps = 0
@@ -264,7 +271,8 @@ class EngineModel:
     # -- requests ------------------------------------------------------------
 
     def add_request(self, req: EngineRequest, now: float) -> None:
-        """Queue a request (FIFO). Raises ValueError if it can never fit."""
+        """Queue a request (in the order of the scheduling policy). Raises ValueError if it
+        can never fit."""
         self._sched.add_request(req, now)
         self._added += 1
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from concur.sim.engine import EngineConfig, engine_config
+from concur.sim.scheduler import SchedulingPolicy
 from concur.sim.steptime import MeasuredStepTime
 
 __all__ = ["PRESETS", "EnginePreset", "EngineSpec", "get_preset"]
@@ -101,6 +102,8 @@ class EngineSpec:
     step_time: MeasuredStepTime | None = None
     """With a preset: a step time measured again (``bench/engine_costs.py``) instead of
     the preset's, for an engine whose speed drifted since the preset was fitted."""
+    scheduling_policy: SchedulingPolicy = "fcfs"
+    """vLLM's ``--scheduling-policy`` (``--scheduling-policy`` of ``concur sim``)."""
 
     @classmethod
     def from_preset(
@@ -111,6 +114,7 @@ class EngineSpec:
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         step_time: MeasuredStepTime | None = None,
+        scheduling_policy: SchedulingPolicy = "fcfs",
     ) -> EngineSpec:
         """The preset's engine; the keyword arguments override its values."""
         p = get_preset(name)
@@ -126,6 +130,7 @@ class EngineSpec:
             request_overhead_s=p.request_overhead_s,
             overhead_per_prompt_token_s=p.overhead_per_prompt_token_s,
             step_time=step_time,
+            scheduling_policy=scheduling_policy,
         )
 
     def build(self) -> EngineConfig:
@@ -137,6 +142,7 @@ class EngineSpec:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 step_time=self.step_time or p.step_time,
+                scheduling_policy=self.scheduling_policy,
             )
         return engine_config(
             self.model,
@@ -146,6 +152,7 @@ class EngineSpec:
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            scheduling_policy=self.scheduling_policy,
         )
 
     def request_overhead(self, prompt_tokens: int) -> float:
@@ -154,8 +161,9 @@ class EngineSpec:
 
     def describe(self) -> str:
         cap = self.build().kv_capacity_tokens
+        sched = ", priority scheduler" if self.scheduling_policy == "priority" else ""
         if self.preset is not None:
             what = get_preset(self.preset).description
             again = f", step time refitted ({self.step_time.name})" if self.step_time else ""
-            return f"preset {self.preset} ({what}){again}, KV capacity {cap:,} tokens"
-        return f"{self.model} on {self.tp} x {self.gpu}, KV capacity {cap:,} tokens"
+            return f"preset {self.preset} ({what}){again}, KV capacity {cap:,} tokens{sched}"
+        return f"{self.model} on {self.tp} x {self.gpu}, KV capacity {cap:,} tokens{sched}"

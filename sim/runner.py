@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from concur import _priority
 from concur.adapters.signal import EngineSignal
 from concur.admission import AdmissionGate, GateEvent, Ticket
 from concur.control import Controller, FailureMode, TickRecord
@@ -61,6 +62,11 @@ class RunOptions:
     """Stop the run (and report it unfinished) after this much virtual time."""
     sample_interval: float = 1.0
     """Seconds between time-series samples."""
+    engine_priority: bool = True
+    """Stamp each step with the steps its agent has done, as the proxy does for vLLM
+    (``admission.engine_priority``, :mod:`concur._priority`); an engine with the
+    ``priority`` scheduling policy serves by it. ``unlimited`` stands for no concur in
+    front of the engine and never stamps."""
 
 
 @dataclass(slots=True)
@@ -191,6 +197,7 @@ class Runner:
         self._request_seq = 0
         self._signal: EngineSignal | None = None
         self._step_many: StepMany | None = getattr(engine, "step_many", None)
+        self._stamp = self.options.engine_priority and policy.name != "unlimited"
         # Steps that start at or before max_time run; nextafter makes "<" say "<=".
         self._horizon = math.nextafter(self.options.max_time, math.inf)
 
@@ -265,6 +272,7 @@ class Runner:
             prompt=prompt,
             max_tokens=step.output_tokens,
             known_prefix_tokens=agent.known_tokens,
+            priority=_priority.of(ticket.agent) if self._stamp and ticket.agent is not None else 0,
         )
         delay = 0.0 if self._overhead is None else self._overhead(len(prompt))
         if delay > 0.0:

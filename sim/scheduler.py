@@ -1,15 +1,19 @@
 """vLLM V1's scheduling loop over the simulated block pool.
 
 Follows ``Scheduler.schedule`` in ``vllm/v1/core/sched/scheduler.py`` (vLLM 0.32,
-FCFS policy, chunked prefill on, no speculative decoding, no KV connector,
-``long_prefill_token_threshold`` 0):
+chunked prefill on, no speculative decoding, no KV connector,
+``long_prefill_token_threshold`` 0), with either scheduling policy (``--scheduling-policy``):
+first come first served (the default) or ``priority``. What the priority policy changes
+is said after each point.
 
 1. Running requests first, in admission order, while the token budget
    (``max_num_batched_tokens``) lasts: each gets ``min(tokens it still lacks,
    budget)`` tokens (1 for a decoding request, the next chunk for a prefilling
    one). If its new blocks do not fit, the *last* running request (the most
    recently admitted) is preempted, repeatedly, until they fit; if it has to
-   preempt itself, the running pass stops.
+   preempt itself, the running pass stops. *Priority:* the victim is the running
+   request with the greatest (priority, arrival time), the first in running order on a
+   tie; if it was already scheduled in this step, its tokens go back to the budget.
 2. Only if nothing was preempted in this step: waiting requests in FIFO order,
    while the budget lasts and fewer than ``max_num_seqs`` run. A request's
    prefix-cache hit is looked up (full blocks only, never its last token:
@@ -17,6 +21,8 @@ FCFS policy, chunked prefill on, no speculative decoding, no KV connector,
    ``scheduler_reserve_full_isl``, default True) it is admitted only if blocks for
    its *whole* current sequence fit, counting hit blocks that sit in the free queue
    as needed. The first request that does not fit stops the pass (no skipping).
+   *Priority:* the queue is ordered by (priority, arrival time, request id), lowest
+   first, and a preempted request takes its place in that order.
 3. Preemption is by recompute: the victim's blocks are freed (tail first), its
    computed tokens reset to 0, and it goes to the *front* of the waiting queue
    with its outputs so far kept as part of its sequence.
@@ -37,10 +43,12 @@ exported by vLLM's ``/metrics`` and are not counted here either.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 
@@ -54,7 +62,12 @@ __all__ = [
     "RequestStatus",
     "ScheduleBatch",
     "Scheduler",
+    "SchedulingPolicy",
 ]
+
+SchedulingPolicy = Literal["fcfs", "priority"]
+"""vLLM's ``--scheduling-policy``: first come first served, or by each request's
+``priority`` (lowest first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,9 @@ class EngineRequest:
     prompt: TokenSeq
     max_tokens: int
     known_prefix_tokens: int = 0
+    priority: int = 0
+    """The request body's ``priority``: the order of the ``priority`` scheduling policy
+    (lowest first); the first-come-first-served policy ignores it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +158,7 @@ class RequestState:
         "out_key",
         "preemptions",
         "prefill_tokens",
+        "priority",
         "recomputed_tokens",
         "request_id",
         "seq",
@@ -162,6 +179,7 @@ class RequestState:
         self.num_cached_blocks = 0
         self.status = RequestStatus.WAITING
         self.arrival_time = now
+        self.priority = req.priority
         self.preemptions = 0
         self.cached_tokens_first = -1
         self.prefill_tokens = 0
@@ -261,6 +279,14 @@ class DecodePlan:
         return min(max_steps, self.max_steps)
 
 
+def _queue_order(r: RequestState) -> tuple[int, float, str]:
+    return (r.priority, r.arrival_time, r.request_id)
+
+
+def _preempt_order(r: RequestState) -> tuple[int, float]:
+    return (r.priority, r.arrival_time)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -279,7 +305,10 @@ class Scheduler:
         watermark: float = 0.0,
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
+        policy: SchedulingPolicy = "fcfs",
     ) -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -294,6 +323,8 @@ class Scheduler:
         self.watermark_blocks = int(watermark * num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         self.max_model_len = max_model_len
+        self.policy: SchedulingPolicy = policy
+        self._by_priority = policy == "priority"
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self.requests: dict[str, RequestState] = {}
@@ -349,7 +380,10 @@ class Scheduler:
             self.pool.content_ids(req.prompt, req.prompt.num_full_blocks)
         state = RequestState(req, req.prompt.copy(), now)
         self.requests[rid] = state
-        self.waiting.append(state)
+        if self._by_priority:
+            self._enqueue_by_priority(state)
+        else:
+            self.waiting.append(state)
         return state
 
     def abort(self, request_id: str) -> bool:
@@ -381,8 +415,29 @@ class Scheduler:
         state.num_computed = 0
         state.preemptions += 1
         state.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(state)
+        if self._by_priority:
+            self._enqueue_by_priority(state)
+        else:
+            self.waiting.appendleft(state)
         self.preemptions += 1
+
+    def _enqueue_by_priority(self, state: RequestState) -> None:
+        """Into the waiting queue at its place in (priority, arrival time, request id):
+        the order vLLM's priority queue pops in."""
+        key = _queue_order(state)
+        waiting = self.waiting
+        waiting.insert(bisect.bisect_right(waiting, key, key=_queue_order), state)
+
+    def _victim(self, running: list[RequestState]) -> tuple[RequestState, int]:
+        """Take out the running request a full cache preempts, with its index: the most
+        recently admitted, or by priority the greatest (priority, arrival time), the
+        first in running order on a tie (as ``max`` keeps it)."""
+        if self._by_priority:
+            victim = max(running, key=_preempt_order)
+            at = running.index(victim)
+            del running[at]
+            return victim, at
+        return running.pop(), len(running)
 
     # -- one step ------------------------------------------------------------
 
@@ -397,18 +452,37 @@ class Scheduler:
         return seq
 
     @staticmethod
-    def _account_prefill(r: RequestState, start: int, end: int) -> int:
-        """Book a prefill chunk [start, end) on ``r``; returns how many of its
-        tokens are recomputed (below the agent's known prefix or below the
-        highest position this request had computed before)."""
+    def _recomputed(r: RequestState, start: int, end: int) -> int:
+        """How many tokens of the prefill chunk [start, end) ``r`` computes again: those
+        below the agent's known prefix or below the highest position this request had
+        computed before a preemption."""
         hw = r.high_water
         limit = r.known_prefix if r.known_prefix > hw else hw
-        rec = 0
-        if limit > start:
-            rec = (end if end < limit else limit) - start
-            r.recomputed_tokens += rec
+        if limit <= start:
+            return 0
+        return (end if end < limit else limit) - start
+
+    @staticmethod
+    def _account_prefill(r: RequestState, start: int, end: int) -> int:
+        """Book a prefill chunk [start, end) on ``r``; returns its recomputed tokens."""
+        rec = Scheduler._recomputed(r, start, end)
+        r.recomputed_tokens += rec
         r.prefill_tokens += end - start
         return rec
+
+    @staticmethod
+    def _take_back(r: RequestState, n: int) -> tuple[bool, int, int]:
+        """Undo the booking of ``n`` tokens scheduled for running request ``r`` in this
+        step (it is being preempted before the step runs): (whether they were a decode
+        token, their attention pairs if a prefill chunk, their recomputed tokens)."""
+        comp = r.num_computed
+        end = comp + n
+        if n == 1 and r.num_output and end == r.num_prompt + r.num_output:
+            return True, 0, 0
+        rec = Scheduler._recomputed(r, comp, end)
+        r.recomputed_tokens -= rec
+        r.prefill_tokens -= n
+        return False, n * comp + n * (n + 1) // 2, rec
 
     def schedule(self, now: float) -> ScheduleBatch:
         """Choose this step's work, allocate and cache its blocks."""
@@ -438,7 +512,22 @@ class Scheduler:
                 if need > pool.num_free:
                     victim: RequestState | None = None
                     while need > pool.num_free:
-                        victim = running.pop()
+                        victim, at = self._victim(running)
+                        if at < i:  # scheduled earlier in this step: give its tokens back
+                            k = reqs.index(victim)
+                            del reqs[k]
+                            vn = counts.pop(k)
+                            budget += vn
+                            context -= victim.num_computed + vn
+                            was_decode, vpairs, vrec = self._take_back(victim, vn)
+                            if was_decode:
+                                decode -= 1
+                            else:
+                                prefill -= vn
+                                pairs -= vpairs
+                                prefill_context -= victim.num_computed + vn
+                                recomputed -= vrec
+                            i -= 1
                         self._preempt(victim)
                         preempted.append(victim.request_id)
                         if victim is r:

@@ -393,6 +393,7 @@ class VllmEngine:
             long_prefill_token_threshold=0,
             scheduler_reserve_full_isl=cfg.reserve_full_isl,
             watermark=cfg.watermark,
+            policy=cfg.scheduling_policy,
         )
         cache_config = v.CacheConfig(
             block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching
@@ -423,7 +424,8 @@ class VllmEngine:
     # -- requests ------------------------------------------------------------
 
     def add_request(self, req: EngineRequest, now: float) -> None:
-        """Queue a request (FIFO). Raises ValueError if it can never fit."""
+        """Queue a request (in the order of the scheduling policy). Raises ValueError if it
+        can never fit."""
         rid = req.request_id
         if rid in self._tracks:
             raise ValueError(f"request id {rid!r} is already in the engine")
@@ -448,6 +450,7 @@ class VllmEngine:
             sampling_params=v.SamplingParams(max_tokens=req.max_tokens, ignore_eos=True),
             pooling_params=None,
             arrival_time=now,
+            priority=req.priority,
             block_hasher=self._hasher if self.config.enable_prefix_caching else None,
         )
         self.scheduler.add_request(request)

@@ -48,6 +48,7 @@ def config_from_args(args: argparse.Namespace, python: str) -> VllmServerConfig:
         host=args.host,
         port=args.port,
         python=python,
+        scheduling_policy=args.scheduling_policy,
         **{k: v for k, v in given.items() if v},  # the server's defaults otherwise
     )
 

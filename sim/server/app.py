@@ -297,7 +297,9 @@ async def _generate(
     state.check_length(prompt.num_tokens, req.max_tokens)
     rid = state.new_request_id("chatcmpl" if chat else "cmpl")
     try:
-        stream = state.driver.submit(rid, prompt.tokens, req.max_tokens, prompt.known_prefix_tokens)
+        stream = state.driver.submit(
+            rid, prompt.tokens, req.max_tokens, prompt.known_prefix_tokens, req.priority
+        )
     except ValueError as exc:
         raise ApiError(400, str(exc), param="max_tokens") from None
     try:

@@ -175,7 +175,12 @@ class EngineDriver:
     # -- requests ------------------------------------------------------------
 
     def submit(
-        self, request_id: str, prompt: TokenSeq, max_tokens: int, known_prefix_tokens: int = 0
+        self,
+        request_id: str,
+        prompt: TokenSeq,
+        max_tokens: int,
+        known_prefix_tokens: int = 0,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request; raises ValueError if the engine can never run it, and
         :class:`EngineStopped` if the loop is not running."""
@@ -183,7 +188,7 @@ class EngineDriver:
             raise self._stopped
         if self._task is None:
             raise EngineStopped("the simulated engine is not running")
-        req = EngineRequest(request_id, prompt, max_tokens, known_prefix_tokens)
+        req = EngineRequest(request_id, prompt, max_tokens, known_prefix_tokens, priority)
         self.engine.add_request(req, self.now())
         stream = RequestStream(request_id, len(prompt), max_tokens)
         self._streams[request_id] = stream

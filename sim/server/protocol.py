@@ -56,6 +56,8 @@ class ChatRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    priority: int = 0
+    """vLLM's ``priority`` (lowest first), which only its priority scheduler reads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,8 @@ class CompletionRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    priority: int = 0
+    """vLLM's ``priority`` (lowest first), which only its priority scheduler reads."""
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -73,7 +77,7 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 def _common(
     body: Mapping[str, Any], names: Sequence[str], default_max_tokens: int
-) -> tuple[str | None, int, bool, bool]:
+) -> tuple[str | None, int, bool, bool, int]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad(f"'model' must be a string, got {model!r}", "model")
@@ -94,7 +98,10 @@ def _common(
     if not isinstance(options, Mapping):
         raise _bad("'stream_options' must be an object", "stream_options")
     include_usage = bool(stream) and bool(options.get("include_usage"))
-    return model, max_tokens, bool(stream), include_usage
+    priority = body.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise _bad(f"'priority' must be an integer, got {priority!r}", "priority")
+    return model, max_tokens, bool(stream), include_usage, priority
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -135,10 +142,10 @@ def parse_chat(body: Any, default_max_tokens: int) -> ChatRequest:
         if calls:
             extra = json.dumps(calls, separators=(",", ":"), sort_keys=True)
         messages.append(Message(role, _content_text(m.get("content"), where), extra))
-    model, max_tokens, stream, include_usage = _common(
+    model, max_tokens, stream, include_usage, priority = _common(
         body, ("max_completion_tokens", "max_tokens"), default_max_tokens
     )
-    return ChatRequest(model, tuple(messages), max_tokens, stream, include_usage)
+    return ChatRequest(model, tuple(messages), max_tokens, stream, include_usage, priority)
 
 
 def parse_completion(body: Any, default_max_tokens: int) -> CompletionRequest:
@@ -165,8 +172,10 @@ def parse_completion(body: Any, default_max_tokens: int) -> CompletionRequest:
         )
     if not parsed:
         raise _bad("'prompt' must not be empty", "prompt")
-    model, max_tokens, stream, include_usage = _common(body, ("max_tokens",), default_max_tokens)
-    return CompletionRequest(model, parsed, max_tokens, stream, include_usage)
+    model, max_tokens, stream, include_usage, priority = _common(
+        body, ("max_tokens",), default_max_tokens
+    )
+    return CompletionRequest(model, parsed, max_tokens, stream, include_usage, priority)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
 
+from concur.sim.engine_config import EngineSpec
 from concur.sim.server.prompt import chat_overhead
 from concur.sim.server.tokenizer import count_tokens, filler_text
 
@@ -217,6 +219,10 @@ async def test_errors_name_the_problem(engine: Engine) -> None:
     too_long = {"messages": convo(), "max_tokens": 60_000}
     err = _error(await post("/v1/chat/completions", json=too_long), 400)
     assert "maximum context length" in err["message"]
+    err = _error(
+        await post("/v1/chat/completions", json={"messages": convo(), "priority": "hi"}), 400
+    )
+    assert err["param"] == "priority"
     batch = {"prompt": ["a", "b"]}
     assert "batched" in _error(await post("/v1/completions", json=batch), 400)["message"]
     assert _error(await post("/v1/completions", json={"prompt": ""}), 400)["param"] == "prompt"
@@ -237,3 +243,41 @@ async def test_chunks_are_coalesced_and_the_end_is_never_held_back(
     assert 1 <= len(content) <= 2
     assert count_tokens("".join(content)) == 50
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(("policy", "first"), [("priority", "C"), ("fcfs", "B")])
+async def test_a_priority_engine_serves_the_lowest_priority_first(
+    start_engine: Any, policy: str, first: str
+) -> None:
+    # One request fills the cache at a time: while A runs, B (priority 5) and then C
+    # (priority 1) wait; the priority scheduler takes C first, FCFS B.
+    spec = EngineSpec(
+        model="llama-3-8b", tp=1, kv_capacity_tokens=BS * 80, scheduling_policy=policy
+    )
+    engine = await start_engine(spec=spec, speed=1.0)
+    order: list[str] = []
+
+    async def send(name: str, priority: int, max_tokens: int) -> None:
+        body = {
+            "messages": convo(700, seed=ord(name)),
+            "max_tokens": max_tokens,
+            "priority": priority,
+        }
+        resp = await engine.http.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        order.append(name)
+
+    async def added(n: int) -> None:
+        for _ in range(1000):
+            if (await engine.stats())["stats"]["requests_added"] >= n:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"the engine never had {n} requests")
+
+    a = asyncio.create_task(send("A", 0, 150))
+    await added(1)
+    b = asyncio.create_task(send("B", 5, 5))
+    await added(2)
+    c = asyncio.create_task(send("C", 1, 5))
+    await asyncio.gather(a, b, c)
+    assert order == ["A", first, "C" if first == "B" else "B"]

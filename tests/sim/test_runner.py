@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,10 @@ import pytest
 from concur import admission, control
 from concur.policies import AIMD, build_policy
 from concur.sim.batch import Job, run_job, run_jobs
-from concur.sim.engine import EngineModel
+from concur.sim.engine import EngineModel, EngineRequest
 from concur.sim.engine_config import EngineSpec
 from concur.sim.generate import generate
-from concur.sim.runner import Runner
+from concur.sim.runner import Runner, RunOptions
 from concur.sim.trace import Trace
 
 GOLDEN = Path(__file__).with_name("golden_small.json")
@@ -49,6 +50,51 @@ def test_runner_drives_the_proxys_own_gate_and_policy_classes() -> None:
     assert type(runner.gate) is admission.AdmissionGate
     assert type(runner.controller) is control.Controller
     assert runner.controller.policy is policy and isinstance(policy, AIMD)
+
+
+class _Recording(EngineModel):
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__(spec.build())
+        self.sent: list[EngineRequest] = []
+
+    def add_request(self, req: EngineRequest, now: float) -> None:
+        self.sent.append(req)
+        super().add_request(req, now)
+
+
+@pytest.mark.parametrize(
+    ("spec", "stamp", "stamped"),
+    [
+        ("aimd", True, True),
+        ("static:4", True, True),
+        ("unlimited", True, False),
+        ("aimd", False, False),
+    ],
+)
+def test_steps_carry_their_agents_steps_done_as_the_proxy_stamps_them(
+    spec: str, stamp: bool, stamped: bool
+) -> None:
+    engine = _Recording(replace(ENGINE, scheduling_policy="priority"))
+    Runner(
+        small_swarm(), engine, build_policy(spec), options=RunOptions(engine_priority=stamp)
+    ).run()
+    for req in engine.sent:
+        step = int(req.request_id.rpartition("#")[2])
+        assert req.priority == (step if stamped else 0), req.request_id
+
+
+def test_a_priority_engine_changes_the_run() -> None:
+    fcfs = run("static:8")
+    by_priority = run_job(
+        Job(
+            label="static:8",
+            spec="static:8",
+            trace=small_swarm(),
+            engine=replace(ENGINE, scheduling_policy="priority"),
+        )
+    )
+    assert by_priority.summary.finished_agents == fcfs.summary.finished_agents
+    assert by_priority.summary.makespan_s != fcfs.summary.makespan_s
 
 
 @pytest.mark.parametrize("spec", POLICIES)

@@ -12,8 +12,10 @@ from concur.sim.scheduler import EngineRequest, RequestStatus, ScheduleBatch, Sc
 V = VirtualSegment
 
 
-def req(rid: str, prompt_tokens: int, max_tokens: int, known: int = 0) -> EngineRequest:
-    return EngineRequest(rid, TokenSeq([V(rid, prompt_tokens)]), max_tokens, known)
+def req(
+    rid: str, prompt_tokens: int, max_tokens: int, known: int = 0, priority: int = 0
+) -> EngineRequest:
+    return EngineRequest(rid, TokenSeq([V(rid, prompt_tokens)]), max_tokens, known, priority)
 
 
 def step(s: Scheduler, index: int = 0) -> ScheduleBatch:
@@ -56,6 +58,47 @@ def test_preempts_most_recently_admitted_and_requeues_it_first() -> None:
     assert s.preemptions == 1
     # No admission in a step that preempted (even though budget was left).
     assert b3.admitted == ()
+
+
+def test_priority_policy_admits_lowest_priority_first_then_arrival() -> None:
+    s = Scheduler(num_blocks=3, max_num_batched_tokens=1000, policy="priority")
+    for rid, prio, at in (("A", 2, 0.0), ("B", 0, 1.0), ("C", 2, 0.5), ("D", 0, 0.5)):
+        s.add_request(req(rid, 20, 5, priority=prio), at)
+    assert [r.request_id for r in s.waiting] == ["D", "B", "A", "C"]
+    # Two usable blocks: only the head (D) fits; FCFS would have taken A.
+    assert step(s).admitted == ("D",)
+    fcfs = Scheduler(num_blocks=3, max_num_batched_tokens=1000)
+    for rid in "ABCD":
+        fcfs.add_request(req(rid, 20, 5), 0.0)
+    assert step(fcfs).admitted == ("A",)
+
+
+def test_priority_policy_preempts_the_greatest_priority_giving_back_its_tokens() -> None:
+    # 6 usable blocks. A (priority 2) and B (priority 3) run; D (priority 0) comes later
+    # and is admitted last. When D needs a third block, FCFS would preempt D itself (the
+    # most recently admitted); by priority the victim is B, already scheduled in this step
+    # for a token that goes back to the budget.
+    s = Scheduler(num_blocks=7, max_num_batched_tokens=1000, policy="priority")
+    s.add_request(req("A", 20, 30, priority=2), 0.0)
+    s.add_request(req("B", 20, 30, priority=3), 0.0)
+    assert step(s, 0).admitted == ("A", "B")
+    s.add_request(req("D", 31, 10, priority=0), 1.0)
+    assert step(s, 1).admitted == ("D",)
+    step(s, 2)  # D decodes position 31: its two blocks are full
+    assert s.pool.num_free_blocks == 0
+    b = step(s, 3)
+    assert b.preempted == ("B",)
+    assert plan(b) == {"A": 1, "D": 1}
+    assert (b.scheduled_tokens, b.decode_tokens, b.prefill_tokens) == (2, 2, 0)
+    assert b.context_tokens == (20 + 3) + (31 + 2)
+    assert [r.request_id for r in s.running] == ["A", "D"]
+    assert [r.request_id for r in s.waiting] == ["B"]
+    assert s.requests["B"].prefill_tokens == 20  # its taken-back token is not booked
+
+
+def test_unknown_scheduling_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="'fcfs' or 'priority'"):
+        Scheduler(num_blocks=7, policy="lifo")  # type: ignore[arg-type]
 
 
 def test_growth_into_a_full_pool_preempts_the_newer_request() -> None:
