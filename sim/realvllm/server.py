@@ -32,9 +32,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Self
 
 from concur.sim.procs import Child, ChildFailed, free_port, spawn, wait_http
+
+if TYPE_CHECKING:
+    from concur.sim.scheduler import SchedulingPolicy
 
 __all__ = [
     "BLOCK_SIZE",
@@ -126,7 +129,7 @@ class VllmServerConfig:
     """vLLM's CPU default for the OpenAI server, written out so the simulator can match."""
     max_num_batched_tokens: int = 2048
     """vLLM's CPU default: the chunked-prefill token budget of one step."""
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    scheduling_policy: SchedulingPolicy = "fcfs"
     """vLLM's scheduler: first come first served (its default), or by each request's
     ``priority`` field, lowest first, which concur stamps on agent steps (fewest steps
     done first: ``admission.engine_priority``)."""

@@ -43,6 +43,9 @@ def test_a_preset_is_the_measured_engine() -> None:
     assert config.spec.kv_capacity_tokens == 16_384
     assert (config.spec.block_size, config.spec.max_num_batched_tokens) == (128, 2048)
     assert config.spec.build().block_size == 128
+    assert config.spec.scheduling_policy == config.spec.build().scheduling_policy == "fcfs"
+    args = parse("--preset", "cpu-tiny", "--scheduling-policy", "priority")
+    assert cli.config_from_args(args).spec.build().scheduling_policy == "priority"
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from concur.sim.realvllm import (
     find_vllm_python,
     make_model,
 )
+from concur.sim.realvllm import cli as realvllm_cli
 from concur.sim.realvllm.cli import config_from_args
 from concur.sim.server.cli import register
 
@@ -102,3 +103,14 @@ def test_engine_vllm_refuses_what_only_the_simulated_engine_can_do(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         config_from_args(_engine_args(*argv), python="/nonexistent/python")
+
+
+def test_engine_vllm_starts_the_scheduling_policy_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(realvllm_cli, "make_model", lambda python: Path("/models/tiny"))
+    for argv, policy in (((), "fcfs"), (("--scheduling-policy", "priority"), "priority")):
+        config = config_from_args(_engine_args(*argv), python="/nonexistent/python")
+        assert config.scheduling_policy == policy
+        argv_out = config.argv("/nonexistent/python", 8000)
+        assert argv_out[argv_out.index("--scheduling-policy") + 1] == policy
