@@ -78,6 +78,7 @@ def test_steps_carry_their_agents_steps_done_as_the_proxy_stamps_them(
     Runner(
         small_swarm(), engine, build_policy(spec), options=RunOptions(engine_priority=stamp)
     ).run()
+    assert len(engine.sent) == sum(len(a.steps) for a in small_swarm().agents)
     for req in engine.sent:
         step = int(req.request_id.rpartition("#")[2])
         assert req.priority == (step if stamped else 0), req.request_id
