@@ -145,16 +145,7 @@ def engine_args(p: argparse.ArgumentParser, *, choose_engine: bool = True) -> No
             "bench/engine_costs.py)"
         ),
     )
-    p.add_argument(
-        "--scheduling-policy",
-        choices=("fcfs", "priority"),
-        default="fcfs",
-        help=(
-            "vLLM's --scheduling-policy: fcfs (its default) or priority, which serves the "
-            "request with the lowest 'priority' first; concur stamps each agent step with "
-            "the steps its agent has done (admission.engine_priority)"
-        ),
-    )
+    scheduling_policy_arg(p)
     if not choose_engine:
         return
     p.add_argument(
@@ -162,6 +153,22 @@ def engine_args(p: argparse.ArgumentParser, *, choose_engine: bool = True) -> No
         choices=("builtin", "vllm"),
         default="builtin",
         help="built-in engine model, or vLLM's own scheduler (needs the vllm extra)",
+    )
+
+
+def scheduling_policy_arg(p: Any, also: str = "") -> None:
+    """``--scheduling-policy`` on ``p`` (a parser or an argument group)."""
+    from concur.sim.scheduler import SCHEDULING_POLICIES
+
+    p.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        default="fcfs",
+        help=(
+            f"vLLM's --scheduling-policy{also}: fcfs (its default) or priority, which serves "
+            "the request with the lowest 'priority' first; concur stamps each agent step "
+            "with the steps its agent has done (admission.engine_priority)"
+        ),
     )
 
 

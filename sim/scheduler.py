@@ -48,13 +48,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from concur.sim.blocks import EMPTY_BLOCKS, BlockArray, BlockPool, TokenSeq, output_key
 
 __all__ = [
+    "SCHEDULING_POLICIES",
     "DecodePlan",
     "EngineRequest",
     "FinishedRequest",
@@ -68,6 +69,7 @@ __all__ = [
 SchedulingPolicy = Literal["fcfs", "priority"]
 """vLLM's ``--scheduling-policy``: first come first served, or by each request's
 ``priority`` (lowest first)."""
+SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = get_args(SchedulingPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +309,7 @@ class Scheduler:
         max_model_len: int | None = None,
         policy: SchedulingPolicy = "fcfs",
     ) -> None:
-        if policy not in ("fcfs", "priority"):
+        if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -323,7 +325,6 @@ class Scheduler:
         self.watermark_blocks = int(watermark * num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         self.max_model_len = max_model_len
-        self.policy: SchedulingPolicy = policy
         self._by_priority = policy == "priority"
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
@@ -380,10 +381,7 @@ class Scheduler:
             self.pool.content_ids(req.prompt, req.prompt.num_full_blocks)
         state = RequestState(req, req.prompt.copy(), now)
         self.requests[rid] = state
-        if self._by_priority:
-            self._enqueue_by_priority(state)
-        else:
-            self.waiting.append(state)
+        self._enqueue(state, preempted=False)
         return state
 
     def abort(self, request_id: str) -> bool:
@@ -415,18 +413,21 @@ class Scheduler:
         state.num_computed = 0
         state.preemptions += 1
         state.status = RequestStatus.PREEMPTED
-        if self._by_priority:
-            self._enqueue_by_priority(state)
-        else:
-            self.waiting.appendleft(state)
+        self._enqueue(state, preempted=True)
         self.preemptions += 1
 
-    def _enqueue_by_priority(self, state: RequestState) -> None:
-        """Into the waiting queue at its place in (priority, arrival time, request id):
-        the order vLLM's priority queue pops in."""
-        key = _queue_order(state)
+    def _enqueue(self, state: RequestState, *, preempted: bool) -> None:
+        """Into the waiting queue: first come first served puts a new request at the back
+        and a preempted one at the front; by priority, each goes to its place in
+        (priority, arrival time, request id), the order vLLM's priority queue pops in."""
         waiting = self.waiting
-        waiting.insert(bisect.bisect_right(waiting, key, key=_queue_order), state)
+        if self._by_priority:
+            key = _queue_order(state)
+            waiting.insert(bisect.bisect_right(waiting, key, key=_queue_order), state)
+        elif preempted:
+            waiting.appendleft(state)
+        else:
+            waiting.append(state)
 
     def _victim(self, running: list[RequestState]) -> tuple[RequestState, int]:
         """Take out the running request a full cache preempts, with its index: the most

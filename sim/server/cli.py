@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from concur.sim.cli import scheduling_policy_arg
 from concur.sim.server.faults import COMPLETION_FAULTS, METRICS_FAULTS
 
 __all__ = ["add_arguments", "config_from_args", "main", "register", "run"]
@@ -61,16 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="default: 8192 (--vllm: 2048)"
     )
-    eng.add_argument(
-        "--scheduling-policy",
-        choices=("fcfs", "priority"),
-        default="fcfs",
-        help=(
-            "vLLM's --scheduling-policy (with --vllm too): fcfs, its default, or priority, "
-            "which serves each request by its body's 'priority', lowest first (concur stamps "
-            "the steps the agent has done: admission.engine_priority)"
-        ),
-    )
+    scheduling_policy_arg(eng, also=" (with --vllm too)")
     real = p.add_argument_group("a real vLLM instead of the simulated engine")
     real.add_argument(
         "--vllm",
