@@ -191,6 +191,9 @@ class GateView:
     """Requests each live agent has finished, in the order of the contexts above."""
     candidate_contexts: tuple[int, ...]
     pace: Pace = Pace()
+    draining: int = 0
+    """Paused agents whose last request is still in the engine: the cache they hold frees
+    as it ends, whatever the window."""
 
     @property
     def active(self) -> int:

@@ -88,11 +88,13 @@ class GateViews:
         admitted = self._admitted.newest_first()
         live = [a for a in admitted if a.state is live_state]
         live_ctx = list(map(_context_tokens, live))
+        draining = 0
         if len(live) == len(admitted):
             candidates: list[int] = []
         else:
-            candidates = [a.context_tokens for a in admitted if a.state is not live_state]
-            candidates.reverse()
+            waiting = [a for a in admitted if a.state is not live_state]
+            draining = sum(1 for a in waiting if a.in_flight)
+            candidates = [a.context_tokens for a in reversed(waiting)]
         candidates.extend(map(_context_tokens, self._queue.order()))
         return GateView(
             window=self.window,
@@ -105,6 +107,7 @@ class GateViews:
             live_steps_newest_first=tuple(map(_requests, live)),
             candidate_contexts=tuple(candidates),
             pace=self.pace(),
+            draining=draining,
         )
 
     def pace(self) -> Pace:

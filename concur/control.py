@@ -106,6 +106,7 @@ class Controller:
             growth_tokens=growth,
             live_contexts_newest_first=view.live_contexts_newest_first,
             candidate_contexts=view.candidate_contexts,
+            draining=view.draining,
             stale=usable is None,
             interval_s=interval.span or None,
             busy=interval.busy,

@@ -3,12 +3,14 @@
 Congestion (pressure above ``high``, new preemptions, or a hit rate below
 ``hit_floor``) multiplies the window by ``beta``, at most once per
 ``decrease_cooldown`` so one sustained reading does not collapse it to
-``min_window``. Headroom (pressure below ``low``) adds ``alpha``, but only while
-the window is in use, so an idle window does not grow without bound. Because
-concur sees the working set, it need not probe blindly: with ``increase="fit"``
-(the default) headroom admits at once as many waiting agents as fit under
-``low`` with their current contexts (at least ``alpha``); step-boundary pausing
-corrects the overshoot when those contexts grow.
+``min_window``, and not at all while paused agents' steps still run in the engine
+(their cache frees as they end: the reading is theirs, not the live agents').
+Headroom (pressure below ``low``) adds ``alpha``, but only while the window is in
+use, so an idle window does not grow without bound. Because concur sees the working
+set, it need not probe blindly: with ``increase="fit"`` (the default) headroom
+admits at once as many waiting agents as fit under ``low`` with their current
+contexts (at least ``alpha``); step-boundary pausing corrects the overshoot when
+those contexts grow.
 
 Presets (``aimd:<name>``): ``kv`` (engine KV usage alone, admission only),
 ``admission`` (the default pressure, no pausing), ``projected`` (anticipated
@@ -240,8 +242,15 @@ class AIMD:
         congested, why = self._congested(p, obs)
         reason = "hold"
         release = prm.alpha
-        if congested:
-            reason = self._decrease(obs.now, why, self._fits_under_low(obs))
+        target = self._fits_under_low(obs) if congested else None
+        if congested and target is None and obs.draining:
+            # The engine's signals lag: it still runs the requests of agents already
+            # paused, and their cache frees as they end. A cut now would pause agents
+            # for cache that is not theirs (a swarm closing in from open collapsed so
+            # to one agent). What is left once they end is judged then.
+            reason = "draining"
+        elif congested:
+            reason = self._decrease(obs.now, why, target)
         elif p is not None and p < prm.low and obs.in_use:
             step = prm.alpha
             if prm.increase == "fit" and obs.candidate_contexts:

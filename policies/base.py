@@ -44,6 +44,9 @@ class Observation:
     """Context tokens of live agents, most recently admitted first (pause order)."""
     candidate_contexts: tuple[int, ...] = ()
     """Context tokens of agents waiting to run, in release order (paused, then queued)."""
+    draining: int = 0
+    """Paused agents whose last request is still in the engine: the cache they hold frees
+    as it ends, whatever the window."""
     stale: bool = False
     """True when the engine signal is older than the poller's ``stale_after``."""
     interval_s: float | None = None

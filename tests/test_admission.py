@@ -499,3 +499,16 @@ def test_pace_ignores_waiting_and_held_requests() -> None:
     clock.now = 10.0
     gate.abandon(queued)
     assert gate.pace().requests == 0 and gate.pace().busy_s == 10.0  # only a's time
+
+
+def test_view_counts_paused_agents_whose_last_step_is_still_in_the_engine() -> None:
+    gate, _ = make_gate(3)
+    ta, tb, tc = (run(gate, agent, context_tokens=100) for agent in "abc")
+    gate.finish(tb)
+    gate.apply(1, pause=True)  # b and c paused; c's step is still in the engine
+    assert states(gate) == {"a": "live", "b": "paused", "c": "paused"}
+    assert gate.view().draining == 1
+    gate.finish(tc)
+    assert gate.view().draining == 0
+    gate.finish(ta)
+    assert gate.view().draining == 0  # a live agent's step is not draining

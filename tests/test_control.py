@@ -114,6 +114,28 @@ def test_closed_admits_no_new_agent_even_when_an_admitted_one_ends() -> None:
     assert late.granted
 
 
+def test_no_cut_while_paused_agents_steps_drain() -> None:
+    ctl, gate, _ = make("aimd:cache")
+    tickets = [gate.submit(f"a{i}") for i in range(8)]
+    assert all(t.granted for t in tickets)
+    rec = ctl.tick(0.0, sig(0.0, 0.95))
+    assert (rec.decision.reason, gate.window, gate.paused) == ("decrease:pressure", 4, 4)
+    # Past the cooldown the engine's usage is still high, but the paused agents' steps
+    # are still running in it: their cache frees as they end, so no further cut.
+    rec = ctl.tick(6.0, sig(6.0, 0.95))
+    assert rec.observation.draining == 4
+    assert (rec.decision.reason, gate.window) == ("draining", 4)
+    for t in tickets[4:]:
+        gate.finish(t)
+    # They ended and the usage is still high: the live agents' own, cut now.
+    rec = ctl.tick(7.0, sig(7.0, 0.95))
+    assert (rec.observation.draining, rec.decision.reason, gate.window) == (
+        0,
+        "decrease:pressure",
+        2,
+    )
+
+
 def test_recovery_after_stale_uses_the_policy_again() -> None:
     ctl, gate, _ = make("aimd:cache", "closed")
     ctl.tick(1.0, None)

@@ -25,6 +25,7 @@ def obs(
     hit: float | None = None,
     preempt: float | None = 0.0,
     paused: int = 0,
+    draining: int = 0,
 ) -> Observation:
     return Observation(
         now=now,
@@ -32,6 +33,7 @@ def obs(
         live=live,
         queued=queued,
         paused=paused,
+        draining=draining,
         kv_usage=kv,
         hit_rate=hit,
         new_preemptions=preempt,
@@ -87,6 +89,40 @@ def test_kv_only_pressure_ignores_working_set() -> None:
     assert isinstance(p, AIMD)
     d = p.decide(obs(0, 8, kv=0.2, live=8, live_tokens=int(0.9 * CAP)))
     assert d.window == 9 and d.reason == "increase"
+
+
+def test_engine_signals_wait_while_paused_agents_steps_drain() -> None:
+    p = AIMD(AIMDParams(start_open=False, initial_window=8))
+    # KV usage and preemptions over the line, the live working set well under it, and
+    # paused agents' steps still in the engine: no cut.
+    d = p.decide(obs(0, 8, kv=0.95, live=8, paused=4, draining=2, live_tokens=CAP // 2))
+    assert (d.window, d.reason) == (8, "draining")
+    d = p.decide(obs(1, 8, kv=0.5, live=8, paused=4, draining=2, preempt=3))
+    assert (d.window, d.reason) == (8, "draining")
+    # Once they ended, the same reading cuts.
+    d = p.decide(obs(2, 8, kv=0.95, live=8, paused=4, live_tokens=CAP // 2))
+    assert (d.window, d.reason) == (4, "decrease:pressure")
+
+
+def test_an_overfull_working_set_cuts_even_while_others_drain() -> None:
+    p = AIMD(AIMDParams(start_open=False, initial_window=8))
+    contexts = (12_000,) * 8
+    d = p.decide(
+        Observation(
+            now=0.0,
+            window=8,
+            live=8,
+            paused=2,
+            draining=2,
+            kv_usage=0.95,
+            new_preemptions=0.0,
+            capacity_tokens=CAP,
+            live_tokens=sum(contexts),
+            live_contexts_newest_first=contexts,
+        )
+    )
+    # The live agents' own contexts are over high: cut to those under low (6 x 12,000).
+    assert (d.window, d.reason) == (6, "decrease:pressure")
 
 
 def test_preemptions_are_congestion() -> None:
