@@ -26,6 +26,7 @@ def obs(
     preempt: float | None = 0.0,
     paused: int = 0,
     draining: int = 0,
+    contexts: tuple[int, ...] = (),
 ) -> Observation:
     return Observation(
         now=now,
@@ -38,7 +39,8 @@ def obs(
         hit_rate=hit,
         new_preemptions=preempt,
         capacity_tokens=CAP,
-        live_tokens=live_tokens,
+        live_tokens=live_tokens or sum(contexts),
+        live_contexts_newest_first=contexts,
     )
 
 
@@ -107,20 +109,7 @@ def test_engine_signals_wait_while_paused_agents_steps_drain() -> None:
 def test_an_overfull_working_set_cuts_even_while_others_drain() -> None:
     p = AIMD(AIMDParams(start_open=False, initial_window=8))
     contexts = (12_000,) * 8
-    d = p.decide(
-        Observation(
-            now=0.0,
-            window=8,
-            live=8,
-            paused=2,
-            draining=2,
-            kv_usage=0.95,
-            new_preemptions=0.0,
-            capacity_tokens=CAP,
-            live_tokens=sum(contexts),
-            live_contexts_newest_first=contexts,
-        )
-    )
+    d = p.decide(obs(0, 8, kv=0.95, live=8, paused=2, draining=2, contexts=contexts))
     # The live agents' own contexts are over high: cut to those under low (6 x 12,000).
     assert (d.window, d.reason) == (6, "decrease:pressure")
 
