@@ -59,6 +59,9 @@ def test_high_kv_usage_shrinks_the_window_and_stops_admissions() -> None:
     for i in range(8):
         gate.submit(f"a{i}")
     assert gate.live == 8
+    # One reading over high might be the gauge's peak as steps end: nothing changes yet.
+    rec = ctl.tick(0.5, sig(0.5, kv=0.95))
+    assert (rec.decision.reason, gate.window, gate.paused) == ("confirm", 8, 0)
     clock.now = 1.0
     rec = ctl.tick(1.0, sig(1.0, kv=0.95))
     assert rec.decision.window == 4 and gate.window == 4
@@ -118,7 +121,8 @@ def test_no_cut_while_paused_agents_steps_drain() -> None:
     ctl, gate, _ = make("aimd:cache")
     tickets = [gate.submit(f"a{i}") for i in range(8)]
     assert all(t.granted for t in tickets)
-    rec = ctl.tick(0.0, sig(0.0, 0.95))
+    ctl.tick(0.0, sig(0.0, 0.95))
+    rec = ctl.tick(1.0, sig(1.0, 0.95))
     assert (rec.decision.reason, gate.window, gate.paused) == ("decrease:pressure", 4, 4)
     # Past the cooldown the engine's usage is still high, but the paused agents' steps
     # are still running in it: their cache frees as they end, so no further cut.
@@ -127,8 +131,10 @@ def test_no_cut_while_paused_agents_steps_drain() -> None:
     assert (rec.decision.reason, gate.window) == ("draining", 4)
     for t in tickets[4:]:
         gate.finish(t)
-    # They ended and the usage is still high: the live agents' own, cut now.
+    # They ended and the usage stays high: the live agents' own, cut once it lasts.
     rec = ctl.tick(7.0, sig(7.0, 0.95))
+    assert (rec.decision.reason, gate.window) == ("confirm", 4)
+    rec = ctl.tick(8.0, sig(8.0, 0.95))
     assert (rec.observation.draining, rec.decision.reason, gate.window) == (
         0,
         "decrease:pressure",
@@ -141,7 +147,10 @@ def test_recovery_after_stale_uses_the_policy_again() -> None:
     ctl.tick(1.0, None)
     assert gate.window == 0
     rec = ctl.tick(2.0, sig(2.0, 0.95))
-    assert not rec.stale and rec.decision.reason.startswith("decrease")
+    assert not rec.stale and rec.decision.reason == "confirm"
+    assert gate.window == 8  # the policy's window again
+    rec = ctl.tick(3.0, sig(3.0, 0.95))
+    assert rec.decision.reason.startswith("decrease")
     assert gate.window == 4
 
 
@@ -168,6 +177,7 @@ def test_a_live_retune_of_aimd_keeps_the_window_it_learned() -> None:
     ctl.policy.window = 40  # type: ignore[attr-defined]  # what the policy had grown to
     ctl.set_policy(build_policy("aimd:cache", PolicySettings(aimd={"high": 0.9})))
     assert gate.window == 40 and ctl.policy.window == 40  # type: ignore[attr-defined]
+    ctl.tick(0.5, sig(0.5, 0.95))
     ctl.tick(1.0, sig(1.0, 0.95))  # and it goes on from there: 40 x 0.5
     assert gate.window == 20
     # After no limit, it starts from the agents running, within its bounds.

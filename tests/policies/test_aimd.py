@@ -66,6 +66,8 @@ def test_no_growth_between_low_and_high() -> None:
 
 def test_halves_on_pressure_and_cooldown_holds() -> None:
     p = AIMD(AIMDParams(start_open=False, initial_window=16, decrease_cooldown=5.0))
+    d = p.decide(obs(9.0, 16, kv=0.9, live=16))
+    assert (d.window, d.reason) == (16, "confirm")
     d = p.decide(obs(10.0, 16, kv=0.9, live=16))
     assert (d.window, d.reason) == (8, "decrease:pressure")
     assert d.pause is True
@@ -101,8 +103,11 @@ def test_engine_signals_wait_while_paused_agents_steps_drain() -> None:
     assert (d.window, d.reason) == (8, "draining")
     d = p.decide(obs(1, 8, kv=0.5, live=8, paused=4, draining=2, preempt=3))
     assert (d.window, d.reason) == (8, "draining")
-    # Once they ended, the same reading cuts.
+    # Once they ended, the same reading cuts (once it lasts: readings under the drain
+    # do not count towards it).
     d = p.decide(obs(2, 8, kv=0.95, live=8, paused=4, live_tokens=CAP // 2))
+    assert (d.window, d.reason) == (8, "confirm")
+    d = p.decide(obs(3, 8, kv=0.95, live=8, paused=4, live_tokens=CAP // 2))
     assert (d.window, d.reason) == (4, "decrease:pressure")
 
 
@@ -112,6 +117,38 @@ def test_an_overfull_working_set_cuts_even_while_others_drain() -> None:
     d = p.decide(obs(0, 8, kv=0.95, live=8, paused=2, draining=2, contexts=contexts))
     # The live agents' own contexts are over high: cut to those under low (6 x 12,000).
     assert (d.window, d.reason) == (6, "decrease:pressure")
+
+
+def test_kv_usage_alone_cuts_only_once_it_lasts() -> None:
+    p = AIMD(AIMDParams(start_open=False, initial_window=8, kv_confirm=1.0))
+    half = CAP // 2  # the live working set, well under high
+    # One reading over high (the gauge as steps end): no cut, nobody paused beyond the
+    # window; the next reading is under it, and the clock starts again.
+    d = p.decide(obs(0.0, 8, kv=0.92, live=8, live_tokens=half))
+    assert (d.window, d.reason) == (8, "confirm")
+    d = p.decide(obs(1.0, 8, kv=0.8, live=8, live_tokens=half))
+    assert (d.window, d.reason) == (8, "hold")
+    d = p.decide(obs(2.0, 8, kv=0.92, live=8, live_tokens=half))
+    assert (d.window, d.reason) == (8, "confirm")
+    d = p.decide(obs(2.5, 8, kv=0.92, live=8, live_tokens=half))
+    assert (d.window, d.reason) == (8, "confirm")
+    # Over high for kv_confirm seconds: it is the live agents' cache after all.
+    d = p.decide(obs(3.0, 8, kv=0.92, live=8, live_tokens=half))
+    assert (d.window, d.reason) == (4, "decrease:pressure")
+
+
+def test_kv_usage_with_preemptions_or_an_overfull_working_set_cuts_at_once() -> None:
+    p = AIMD(AIMDParams(start_open=False, initial_window=8, kv_confirm=1.0))
+    d = p.decide(obs(0.0, 8, kv=0.92, live=8, live_tokens=CAP // 2, preempt=2))
+    assert (d.window, d.reason) == (4, "decrease:pressure")
+    p = AIMD(AIMDParams(start_open=False, initial_window=8, kv_confirm=1.0))
+    d = p.decide(obs(0.0, 8, kv=0.92, live=8, contexts=(12_000,) * 8))
+    assert (d.window, d.reason) == (6, "decrease:pressure")  # 6 x 12,000 under low
+
+
+def test_kv_presets_cut_on_one_reading() -> None:
+    for spec in ("aimd:kv", "aimd:paper"):
+        assert build_policy(spec).params.kv_confirm == 0.0  # type: ignore[attr-defined]
 
 
 def test_preemptions_are_congestion() -> None:
