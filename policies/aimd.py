@@ -213,7 +213,7 @@ class AIMD:
             return (high and low_hit), "pressure+hit_rate"
         if high:
             return True, "pressure"
-        if prm.on_preemption and obs.new_preemptions is not None and obs.new_preemptions > 0:
+        if self._preempted(obs):
             return True, "preemptions"
         if low_hit:
             return True, "hit_rate"
@@ -251,16 +251,18 @@ class AIMD:
         reason = "hold"
         release = prm.alpha
         target = self._fits_under_low(obs) if congested else None
-        if why != "pressure" or target is not None:
-            self._kv_high_since = None  # the KV usage alone is not what congests
+        kv_only = why == "pressure" and target is None
+        if not kv_only or obs.draining:
+            # The KV usage alone is not what congests, or the reading is the draining
+            # agents': either way it does not count towards kv_confirm.
+            self._kv_high_since = None
         if congested and target is None and obs.draining:
             # The engine's signals lag: it still runs the requests of agents already
             # paused, and their cache frees as they end. A cut now would pause agents
             # for cache that is not theirs (a swarm closing in from open collapsed so
             # to one agent). What is left once they end is judged then.
             reason = "draining"
-            self._kv_high_since = None
-        elif why == "pressure" and target is None and not self._kv_confirmed(obs):
+        elif kv_only and not self._kv_confirmed(obs):
             reason = "confirm"
         elif congested:
             reason = self._decrease(obs.now, why, target)
@@ -291,12 +293,16 @@ class AIMD:
         """Whether the KV usage over ``high`` has lasted ``kv_confirm`` seconds (new
         preemptions confirm it at once). On the real engine, 6 of 7 cuts on one such
         reading read under ``low`` a second later (docs/real-engine.md)."""
-        prm = self.params
-        if prm.on_preemption and obs.new_preemptions:
+        if self._preempted(obs):
             return True
         if self._kv_high_since is None:
             self._kv_high_since = obs.now
-        return obs.now - self._kv_high_since >= prm.kv_confirm
+        return obs.now - self._kv_high_since >= self.params.kv_confirm
+
+    def _preempted(self, obs: Observation) -> bool:
+        """New engine preemptions, when they count as congestion (``on_preemption``)."""
+        n = obs.new_preemptions
+        return self.params.on_preemption and n is not None and n > 0
 
     def _fits_under_low(self, obs: Observation) -> int | None:
         """How many live agents, oldest first, keep the working set at or under ``low``
