@@ -21,6 +21,10 @@ from concur.poller import Poller
 
 log = logging.getLogger("concur.app")
 
+HELD = frozenset({"confirm", "draining", "cooldown"})
+"""Decisions that see congestion and hold the window: logged as ``held`` as each begins,
+so that a log shows why a high reading did not cut."""
+
 
 class ControlLoop:
     """Ticks ``controller`` every ``interval`` seconds (on ``clock``) while started."""
@@ -41,6 +45,7 @@ class ControlLoop:
         self.clock = clock
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._last_reason: str | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="concur-control")
@@ -83,14 +88,21 @@ class ControlLoop:
         )
 
     def on_tick(self, record: TickRecord) -> None:
-        """The controller's ``on_tick``: a metric, and a log line when the window moved."""
+        """The controller's ``on_tick``: a metric, and a log line when the window moved
+        (``window``) or when congestion begins to be held (``held``: see :data:`HELD`)."""
         self.metrics.on_tick(record)
-        if record.window_before == record.decision.window:
-            return
         obs, dec = record.observation, record.decision
+        begins = dec.reason != self._last_reason
+        self._last_reason = dec.reason
+        if record.window_before != dec.window:
+            name = "window"
+        elif begins and dec.reason in HELD:
+            name = "held"
+        else:
+            return
         logs.event(
             log,
-            "window",
+            name,
             before=record.window_before,
             after=dec.window,
             reason=dec.reason,

@@ -1,13 +1,22 @@
-"""The controller: policy decisions reach the gate; failure modes on a stale signal."""
+"""The controller: policy decisions reach the gate; failure modes on a stale signal; the
+control loop's log of what it decided."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 
+from concur import logs
+from concur._control_loop import ControlLoop
+from concur.adapters import get_adapter
 from concur.adapters.signal import EngineSignal
 from concur.admission import AdmissionGate
 from concur.control import Controller, TickRecord
+from concur.metrics import ConcurMetrics
 from concur.policies import AIMD, AIMDParams, PolicySettings, build_policy
+from concur.poller import Poller
 
 
 class Clock:
@@ -213,3 +222,55 @@ def test_the_observation_carries_the_intervals_pace() -> None:
     third = ctl.observe(4.0, None, stale=True)
     assert third.tool_s == 1.5 and third.busy == pytest.approx(1.0)
     assert (third.completed, third.latency_s) == (0, None)
+
+
+# ------------------------------------------------------------ the control loop's log
+
+
+def loop(policy: str = "aimd:cache") -> tuple[ControlLoop, AdmissionGate]:
+    clock = Clock()
+    gate = AdmissionGate(clock=clock)
+    controller = Controller(build_policy(policy), gate)
+    poller = Poller("http://engine.invalid", get_adapter("vllm"), clock=clock)
+    control = ControlLoop(controller, poller, ConcurMetrics(), clock=clock, interval=1.0)
+    controller.on_tick = control.on_tick
+    return control, gate
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for r in caplog.records:
+        if r.name == "concur.app" and r.getMessage() in ("window", "held"):
+            out.append((r.getMessage(), dict(getattr(r, logs.FIELDS_ATTR))))
+    return out
+
+
+def test_a_held_cut_is_logged_once_as_it_begins_and_a_cut_as_a_window_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="concur.app")
+    control, gate = loop()
+    for i in range(8):
+        gate.submit(f"a{i}")
+    ctl = control.controller
+    ctl.tick(0.0, sig(0.0, kv=0.8))  # between low and high: hold, nothing to say
+    ctl.tick(1.0, sig(1.0, kv=0.95))  # one reading over high: held, to confirm
+    ctl.tick(2.0, sig(2.0, kv=0.95))  # it lasted: the cut
+    ctl.tick(3.0, sig(3.0, kv=0.95))  # the paused agents' steps drain: held
+    ctl.tick(4.0, sig(4.0, kv=0.95))  # still draining: no second line
+    got = [(name, f["reason"], f["before"], f["after"]) for name, f in lines(caplog)]
+    assert got == [
+        ("held", "confirm", 8, 8),
+        ("window", "decrease:pressure", 8, 4),
+        ("held", "draining", 4, 4),
+    ]
+    assert lines(caplog)[0][1]["kv_usage"] == pytest.approx(0.95)
+
+
+def test_an_open_law_logs_nothing_while_it_stays_open(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="concur.app")
+    control, gate = loop("aimd")
+    gate.submit("a0")
+    for t in range(4):
+        control.controller.tick(float(t), sig(float(t), kv=0.5))
+    assert lines(caplog) == []
