@@ -12,9 +12,10 @@ finished agent, and the most pauses any one agent took. Policies are given as
 ``bench/real_engine.py`` takes them (``aimd+low=0.65`` sets one parameter). The
 defaults reproduce the churn study in docs/real-engine.md.
 
-Window changes come one or two per agent that finishes wherever each agent is a large
-share of the cache: the count of agents that fit changes as they grow and end. So a
-churn figure per minute means little without the agents' turnover beside it.
+Where each agent is a large share of the cache the window moves about once per agent
+that finishes (0.75-1.2 times here, by ``low``): the count of agents that fit changes as
+they grow and end. So a churn figure per minute means little without the agents'
+turnover beside it.
 """
 
 from __future__ import annotations
